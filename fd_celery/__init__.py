@@ -1,0 +1,54 @@
+"""fd_celery: FastDeploy's request schedulers (local, global, splitwise) on Celery and Redis.
+
+Public surface::
+
+    install(app, config=None, **overrides) -> SchedulerConfig   make a Celery app an fd_celery app
+    Client(app).submit(...) -> RequestHandle                       send a request
+    RequestHandle.stream() / .result()                             follow it
+    SchedulerConfig, GenerationResult, OutputChunk                 data
+    fd_celery.errors                                               the error tree
+"""
+
+from __future__ import annotations
+
+from .app import get_config, install
+from .client import Client, RequestHandle
+from .config import SchedulerConfig
+from .errors import (
+    BrokerUnavailable,
+    ConfigError,
+    FDCeleryError,
+    InvalidRequest,
+    KVRefError,
+    NoNodeAvailable,
+    QueueFull,
+    RequestExpired,
+    ResultTimeout,
+    WorkerError,
+)
+from .protocol import GenerationResult, OutputChunk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # setup
+    "install",
+    "get_config",
+    "SchedulerConfig",
+    # requests
+    "Client",
+    "RequestHandle",
+    "GenerationResult",
+    "OutputChunk",
+    # errors
+    "FDCeleryError",
+    "ConfigError",
+    "InvalidRequest",
+    "QueueFull",
+    "RequestExpired",
+    "NoNodeAvailable",
+    "KVRefError",
+    "ResultTimeout",
+    "BrokerUnavailable",
+    "WorkerError",
+]

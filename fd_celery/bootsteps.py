@@ -1,0 +1,144 @@
+"""The worker bootstep: a ``celery worker`` of an fd_celery app becomes a node.
+
+On start it decides the node's role and engine (``--fd-role/--fd-model/--fd-device`` or
+``FD_ROLE/FD_MODEL/FD_DEVICE``), consumes its role's topic queue and its own node queue, joins the
+node registry and heartbeats every ``scheduler_sync_period``. Its ``info()`` is what
+``celery inspect stats`` and Flower show under ``fd``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from celery import bootsteps, current_app, signals
+
+from . import keys, registry
+from .app import _NODE_ATTR, NodeSettings, get_config, get_node_settings
+from .connection import redis_for
+
+__all__ = ["FDWorkerStep"]
+
+logger = logging.getLogger(__name__)
+
+
+class FDWorkerStep(bootsteps.StartStopStep):
+    """Node identity, queues, registry and heartbeat of one worker."""
+
+    label = "fd_celery"
+
+    def __init__(
+        self,
+        worker: Any,
+        fd_role: str | None = None,
+        fd_model: str | None = None,
+        fd_device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        app = worker.app
+        env = NodeSettings.from_env()
+        concurrency = int(getattr(worker, "concurrency", 0) or os.cpu_count() or 1)
+        settings = NodeSettings(
+            role=fd_role or env.role,
+            model=fd_model or env.model,
+            device=fd_device or env.device,
+            torch_threads=max(1, (os.cpu_count() or 1) // concurrency),
+        )
+        setattr(app, _NODE_ATTR, settings)
+        config = get_config(app)
+        self.node = worker.hostname
+        self.queues = [
+            keys.role_queue(config.scheduler_topic, settings.role),
+            keys.node_queue(config.scheduler_topic, settings.role, self.node),
+        ]
+        for queue in self.queues:
+            app.amqp.queues.select_add(queue)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.started_ms = int(time.time() * 1000)
+        self.slots = concurrency
+
+    def start(self, worker: Any) -> None:
+        app = worker.app
+        config = get_config(app)
+        settings = get_node_settings(app)
+        client = redis_for(config)
+        registry.register(client, config, self.node, self._facts(worker))
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._heartbeat, args=(app,), name="fd-heartbeat", daemon=True
+        )
+        self._thread.start()
+        logger.info(
+            "fd_celery node %s: role %s, model %s on %s, scheduler %s, topic %s, queues %s",
+            self.node, settings.role, settings.model, settings.device,
+            config.scheduler_name, config.scheduler_topic, ", ".join(self.queues),
+        )
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        config = get_config(worker.app)
+        try:
+            registry.unregister(redis_for(config), config, self.node)
+        except Exception as exc:  # Redis may already be gone at shutdown
+            logger.warning("could not leave the node registry: %s", exc)
+
+    shutdown = stop
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        settings = get_node_settings(worker.app)
+        config = get_config(worker.app)
+        return {
+            "fd": {
+                "node": self.node,
+                "role": settings.role,
+                "model": settings.model,
+                "device": settings.device,
+                "scheduler": config.scheduler_name,
+                "topic": config.scheduler_topic,
+                "slots": self.slots,
+                "queues": self.queues,
+            }
+        }
+
+    def _facts(self, worker: Any) -> dict[str, Any]:
+        settings = get_node_settings(worker.app)
+        return {
+            "role": settings.role,
+            "model": settings.model,
+            "device": settings.device,
+            "slots": self.slots,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_ms": self.started_ms,
+        }
+
+    def _heartbeat(self, app: Any) -> None:
+        config = get_config(app)
+        client = redis_for(config)
+        while not self._stop.wait(config.sync_period_s):
+            try:
+                registry.heartbeat(client, config, self.node)
+            except Exception as exc:
+                logger.warning("heartbeat failed: %s", exc)
+                self._stop.wait(min(1.0, config.expire_period_s / 2))
+
+
+@signals.worker_process_init.connect
+def _load_engine_in_child(**_: Any) -> None:
+    """Load the model when a pool process starts, not on its first request."""
+    app = current_app
+    if getattr(app, _NODE_ATTR, None) is None:
+        return
+    from .execution import engine_for
+
+    try:
+        engine_for(app)
+    except Exception:
+        logger.exception("could not load the model in a pool process")

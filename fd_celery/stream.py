@@ -1,0 +1,212 @@
+"""Output streams: tokens travel through Redis directly, never one Celery task per token.
+
+Each request has one Redis stream (``keys.output_stream``). Entry ids are ``0-<seq+1>``, which
+makes writing idempotent: the append script skips every chunk whose seq is not above the last
+one written, so a request run twice (at-least-once delivery) never shows its caller a chunk twice.
+Its last entry carries ``end`` and the final result (or the error), written once: a second run
+gets the first run's final result back and returns that, so the result backend agrees too.
+
+Worker side, :class:`OutputWriter` runs ``scheduler_writer_parallel`` threads; a request always
+goes to the same thread (order holds) and a thread writes up to ``scheduler_writer_batch_size``
+queued entries in one round trip. Caller side, :func:`read_entries` reads up to
+``scheduler_reader_batch_size`` entries per call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from .errors import BrokerUnavailable
+
+__all__ = ["OutputWriter", "StreamEntry", "read_entries", "last_entry", "END_RETENTION_S"]
+
+logger = logging.getLogger(__name__)
+
+END_RETENTION_S = 600  # a finished stream stays readable this long after its end
+EXPIRED_RETENTION_S = 60  # the error entry of an expired request: long enough for a reader to see
+
+# KEYS[1] = stream (entries 0-<seq+1>, field d = JSON; the final entry also has end = 1)
+# ARGV[1] = expiry in ms; then pairs of (seq, JSON); ARGV[#ARGV] = "1" if the last pair is final
+# Returns the final entry's JSON when the stream has ended (ours or an earlier run's), else nil.
+_APPEND = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local last_seq = -1
+if #last > 0 then
+  local fields = last[1][2]
+  if fields[3] == 'end' then return fields[2] end
+  last_seq = tonumber(string.match(last[1][1], '%-(%d+)$')) - 1
+end
+local final = ARGV[#ARGV] == '1'
+for i = 2, #ARGV - 1, 2 do
+  local seq = tonumber(ARGV[i])
+  if seq > last_seq then
+    if final and i == #ARGV - 2 then
+      redis.call('XADD', KEYS[1], '0-' .. (seq + 1), 'd', ARGV[i + 1], 'end', '1')
+    else
+      redis.call('XADD', KEYS[1], '0-' .. (seq + 1), 'd', ARGV[i + 1])
+    end
+    last_seq = seq
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if final then return ARGV[#ARGV - 1] end
+return false
+"""
+
+
+@dataclass
+class StreamEntry:
+    seq: int
+    data: dict[str, Any]
+    end: bool
+
+
+def _decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
+    seq = int(entry_id.split(b"-")[1]) - 1
+    return StreamEntry(seq=seq, data=json.loads(fields[b"d"]), end=fields.get(b"end") == b"1")
+
+
+def last_entry(client: redis.Redis, key: str) -> StreamEntry | None:
+    rows = client.xrevrange(key, count=1)
+    return _decode_entry(*rows[0]) if rows else None
+
+
+def read_entries(
+    client: redis.Redis, key: str, after_seq: int, count: int, block_ms: int
+) -> list[StreamEntry]:
+    """Entries with seq > ``after_seq``, up to ``count``, waiting up to ``block_ms`` for the first."""
+    reply = client.xread({key: f"0-{after_seq + 1}"}, count=count, block=block_ms)
+    if not reply:
+        return []
+    return [_decode_entry(eid, fields) for eid, fields in reply[0][1]]
+
+
+@dataclass
+class _Pending:
+    """Entries of one request waiting for their writer thread."""
+
+    key: str
+    ttl_ms: int
+    items: list[tuple[int, str]] = field(default_factory=list)
+    final: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    reply: bytes | None = None
+    error: BaseException | None = None
+
+
+class OutputWriter:
+    """Writer threads that batch stream appends. One per process; start lazily after a fork."""
+
+    def __init__(self, client: redis.Redis, parallel: int, batch_size: int) -> None:
+        self._client = client
+        self._batch_size = batch_size
+        self._script = client.register_script(_APPEND)
+        self._queues: list[queue.SimpleQueue[_Pending]] = [queue.SimpleQueue() for _ in range(parallel)]
+        self._pid = os.getpid()
+        self._failed: dict[str, BaseException] = {}  # stream key -> error of a lost chunk write
+        for index, q in enumerate(self._queues):
+            thread = threading.Thread(
+                target=self._run, args=(q,), name=f"fd-writer-{index}", daemon=True
+            )
+            thread.start()
+
+    def _queue_for(self, key: str) -> queue.SimpleQueue[_Pending]:
+        return self._queues[zlib.crc32(key.encode()) % len(self._queues)]
+
+    def write(self, key: str, seq: int, data: dict[str, Any], ttl_s: float) -> None:
+        """Queue one chunk; returns at once. Errors surface at the next ``finish``."""
+        pending = _Pending(key, int(ttl_s * 1000), [(seq, json.dumps(data))])
+        self._queue_for(key).put(pending)
+
+    def finish(
+        self, key: str, seq: int, data: dict[str, Any], ttl_s: float, timeout_s: float = 30.0
+    ) -> dict[str, Any]:
+        """Write the final entry after everything queued before it; wait until it is stored.
+
+        Returns the final entry as stored: ours, or an earlier run's if the stream had ended.
+        """
+        pending = _Pending(key, int(ttl_s * 1000), [(seq, json.dumps(data))], final=True)
+        self._queue_for(key).put(pending)
+        if not pending.done.wait(timeout_s):
+            raise BrokerUnavailable(f"output stream {key} could not be written in {timeout_s}s")
+        failed = self._failed.pop(key, None)
+        error = pending.error or failed
+        if error is not None:
+            raise BrokerUnavailable(f"output stream {key} could not be written: {error}")
+        assert pending.reply is not None
+        return dict(json.loads(pending.reply))
+
+    def _run(self, q: queue.SimpleQueue[_Pending]) -> None:
+        while True:
+            batch = [q.get()]
+            while len(batch) < self._batch_size:
+                try:
+                    batch.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            self._flush(batch)
+
+    def _flush(self, batch: list[_Pending]) -> None:
+        # Consecutive entries of one request go in one script call; a final entry closes a call.
+        calls: list[list[_Pending]] = []
+        for item in batch:
+            if calls and calls[-1][0].key == item.key and not calls[-1][-1].final:
+                calls[-1].append(item)
+            else:
+                calls.append([item])
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for members in calls:
+                args: list[Any] = [members[-1].ttl_ms]
+                for member in members:
+                    for seq, payload in member.items:
+                        args.extend((seq, payload))
+                args.append("1" if members[-1].final else "0")
+                self._script(keys=[members[0].key], args=args, client=pipe)
+            replies = pipe.execute()
+        except redis.RedisError as exc:
+            logger.error("output stream write failed: %s", exc)
+            replies = [exc] * len(calls)
+        for members, reply in zip(calls, replies):
+            for member in members:
+                if isinstance(reply, Exception):
+                    member.error = reply
+                    self._failed[member.key] = reply
+                else:
+                    member.reply = reply
+                member.done.set()
+
+
+_writer: OutputWriter | None = None
+_writer_lock = threading.Lock()
+
+
+def writer_for(client: redis.Redis, parallel: int, batch_size: int) -> OutputWriter:
+    """This process's writer (threads do not survive a fork, so a child makes its own)."""
+    global _writer
+    with _writer_lock:
+        if _writer is None or _writer._pid != os.getpid():
+            _writer = OutputWriter(client, parallel, batch_size)
+        return _writer
+
+
+def iter_stream(
+    client: redis.Redis, key: str, count: int, block_ms: int
+) -> Iterator[list[StreamEntry]]:
+    """Batches of entries in order, forever (callers stop at the end entry or their deadline)."""
+    after = -1
+    while True:
+        entries = read_entries(client, key, after, count, block_ms)
+        if entries:
+            after = entries[-1].seq
+        yield entries
