@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from celery import bootsteps, current_app, signals
+from celery import bootsteps, signals
 
 from . import keys, registry
 from .app import _NODE_ATTR, NodeSettings, get_config, get_node_settings
@@ -46,9 +46,12 @@ class FDWorkerStep(bootsteps.StartStopStep):
             role=fd_role or env.role,
             model=fd_model or env.model,
             device=fd_device or env.device,
-            torch_threads=max(1, (os.cpu_count() or 1) // concurrency),
+            torch_threads=_torch_threads(),
         )
         setattr(app, _NODE_ATTR, settings)
+        global _worker_app
+        _worker_app = app  # pool processes forked from here warm up this app's engine
+        _install_log_redaction()
         config = get_config(app)
         self.node = worker.hostname
         self.queues = [
@@ -130,15 +133,47 @@ class FDWorkerStep(bootsteps.StartStopStep):
                 self._stop.wait(min(1.0, config.expire_period_s / 2))
 
 
+_worker_app: Any = None
+
+# Intra-op threads per pool process. One is the fastest for small-batch decoding on CPU (more
+# threads spin against each other and against the other pool processes); FD_TORCH_THREADS=N
+# gives a big CPU model more.
+DEFAULT_TORCH_THREADS = 1
+
+
+def _torch_threads() -> int:
+    raw = os.environ.get("FD_TORCH_THREADS", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_TORCH_THREADS
+
+
 @signals.worker_process_init.connect
 def _load_engine_in_child(**_: Any) -> None:
     """Load the model when a pool process starts, not on its first request."""
-    app = current_app
-    if getattr(app, _NODE_ATTR, None) is None:
+    if _worker_app is None:
         return
     from .execution import engine_for
 
     try:
-        engine_for(app)
+        engine_for(_worker_app)
     except Exception:
         logger.exception("could not load the model in a pool process")
+
+
+class _RedactResults(logging.Filter):
+    """Celery logs a task's return value at INFO; for fd tasks that is generated text.
+    Replace it with its size, so logs at INFO never carry prompts or outputs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, dict) and str(args.get("name", "")).startswith("fd."):
+            value = args.get("return_value")
+            if value is not None:
+                summary = f"<result: {len(str(value))} chars redacted>"
+                record.args = {**args, "return_value": summary}
+        return True
+
+
+def _install_log_redaction() -> None:
+    trace_logger = logging.getLogger("celery.app.trace")
+    if not any(isinstance(f, _RedactResults) for f in trace_logger.filters):
+        trace_logger.addFilter(_RedactResults())

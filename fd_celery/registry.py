@@ -83,7 +83,7 @@ def live_nodes(client: redis.Redis, config: SchedulerConfig) -> list[NodeInfo]:
     infos = []
     for name, raw in zip(names, pipe.execute()):
         facts = {k.decode(): json.loads(v) for k, v in raw.items()}
-        infos.append(NodeInfo(name=name, heartbeat_age_s=(now - beats[name]) / 1000.0, facts=facts))
+        infos.append(NodeInfo(name=name, heartbeat_age_s=max(0.0, (now - beats[name]) / 1000.0), facts=facts))
     return infos
 
 

@@ -98,8 +98,7 @@ def test_builtin_names_and_attributes(tiny_a: Engine) -> None:
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, WARM], ids=["greedy", "t0.8"])
-def test_deterministic_across_instances(tiny_a: Engine, tiny_b: Engine,
-                                        sampling: SamplingParams) -> None:
+def test_deterministic_across_instances(tiny_a: Engine, tiny_b: Engine, sampling: SamplingParams) -> None:
     ids = tiny_a.encode(PROMPT)
     first = list(tiny_a.generate(ids, sampling, 48))
     assert first == list(tiny_b.generate(ids, sampling, 48))
@@ -121,8 +120,7 @@ def test_weight_seed_changes_model(tiny_a: Engine) -> None:
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, WARM], ids=["greedy", "t0.8"])
-def test_split_run_equals_reference(tiny_a: Engine, tiny_b: Engine,
-                                    sampling: SamplingParams) -> None:
+def test_split_run_equals_reference(tiny_a: Engine, tiny_b: Engine, sampling: SamplingParams) -> None:
     ids = tiny_a.encode(PROMPT)
     reference = list(tiny_a.generate(ids, sampling, 40))
     assert split_run(tiny_a, tiny_b, ids, sampling, 40) == reference
@@ -216,8 +214,7 @@ def test_import_does_not_load_transformers() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
-def test_missing_transformers_is_config_error(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_transformers_is_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ConfigError, match=r"pip install fd_celery\[hf\]"):
         load_engine(str(tmp_path))
@@ -282,18 +279,25 @@ def _build_hf_model(path: Path) -> None:
     tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
     tok.decoder = dec.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=320,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(SENTENCES * 5, trainer)
     tok.post_processor = proc.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>"
-    )
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     config = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     torch.manual_seed(0)  # only the test's reference model; engines never touch the global RNG
     transformers.LlamaForCausalLM(config).save_pretrained(path)
@@ -326,8 +330,7 @@ def test_hf_loads_and_generates(hf_a: Engine, hf_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, WARM], ids=["greedy", "t0.8"])
-def test_hf_deterministic_and_split(hf_a: Engine, hf_dir: Path,
-                                    sampling: SamplingParams) -> None:
+def test_hf_deterministic_and_split(hf_a: Engine, hf_dir: Path, sampling: SamplingParams) -> None:
     hf_b = load_engine(str(hf_dir))
     ids = hf_a.encode("the quick brown fox")
     reference = list(hf_a.generate(ids, sampling, 24))
@@ -341,10 +344,13 @@ def test_hf_matches_transformers_greedy_generate(hf_a: Engine) -> None:
     model = hf_a.model  # type: ignore[attr-defined]
     with torch.inference_mode():
         out = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=24, do_sample=False, pad_token_id=1,
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=24,
+            do_sample=False,
+            pad_token_id=1,
         )
-    theirs = out[0, len(ids):].tolist()
+    theirs = out[0, len(ids) :].tolist()
     if hf_a.eos_token_id in theirs:
         theirs = theirs[: theirs.index(hf_a.eos_token_id) + 1]
     assert ours == theirs

@@ -53,6 +53,5 @@ def load_engine(model: str = "fd-tiny", device: str = "cpu", *, seed: int = 0) -
     if os.path.isdir(path):
         return HFEngine(path, device)
     raise ConfigError(
-        f"model={model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) "
-        f"nor an existing directory"
+        f"model={model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor an existing directory"
     )

@@ -34,9 +34,7 @@ def _import_transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise ConfigError(
-            "loading a model directory needs transformers: pip install fd_celery[hf]"
-        ) from None
+        raise ConfigError("loading a model directory needs transformers: pip install fd_celery[hf]") from None
     major = int(transformers.__version__.split(".", 1)[0])
     if major < 5:
         # The cache conversion below uses transformers 5's DynamicCache layers and ``dtype=``.
@@ -47,7 +45,7 @@ def _import_transformers() -> Any:
     return transformers
 
 
-def _first_id(value: object) -> int | None:
+def _first_id(value: Any) -> int | None:
     """``eos_token_id`` may be an int, a list of ints or None; the engine stops on the first."""
     if isinstance(value, (list, tuple)):
         return int(value[0]) if value else None
@@ -86,7 +84,11 @@ class HFEngine(Engine):
         self._vocab_size = int(self.model.get_input_embeddings().num_embeddings)
         log.info(
             "loaded HF model %s (%s) on %s: max_context=%d eos=%s",
-            path, type(self.model).__name__, device, self.max_context, self.eos_token_id,
+            path,
+            type(self.model).__name__,
+            device,
+            self.max_context,
+            self.eos_token_id,
         )
 
     def _forward_params(self) -> set[str]:
@@ -116,11 +118,13 @@ class HFEngine(Engine):
 
     def decode(self, token_ids: Sequence[int]) -> str:
         # No clean-up of spaces: it rewrites earlier text and would break streaming.
-        return str(self.tokenizer.decode(
-            [int(i) for i in token_ids],
-            skip_special_tokens=True,
-            clean_up_tokenization_spaces=False,
-        ))
+        return str(
+            self.tokenizer.decode(
+                [int(i) for i in token_ids],
+                skip_special_tokens=True,
+                clean_up_tokenization_spaces=False,
+            )
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -150,9 +154,7 @@ class HFEngine(Engine):
     def _check_room(self, needed: int) -> None:
         """Guard: the cache plus the token about to be produced must fit in ``max_context``."""
         if needed > self.max_context:
-            raise ValueError(
-                f"sequence would hold {needed} tokens, more than max_context={self.max_context}"
-            )
+            raise ValueError(f"sequence would hold {needed} tokens, more than max_context={self.max_context}")
 
     def _forward(self, token_ids: Sequence[int], cache: KVCache, start: int) -> torch.Tensor:
         """Run ``token_ids`` at positions ``start ..`` on top of ``cache`` (updated in place);
@@ -178,7 +180,7 @@ class HFEngine(Engine):
         """Our ``[kv_heads, tokens, head_dim]`` tensors → a DynamicCache (batch 1)."""
         if cache.num_layers == 0:
             return self._dynamic_cache()
-        data = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in zip(cache.keys, cache.values)]
+        data = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in zip(cache.keys, cache.values, strict=True)]
         return self._dynamic_cache(data)
 
     @staticmethod

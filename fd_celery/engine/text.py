@@ -62,6 +62,6 @@ class TextStreamer:
         if not text.startswith(self._emitted):
             # The tokenizer rewrote text it already produced; what was sent cannot be taken back.
             log.warning("decoded text is not an extension of the streamed text; streaming on")
-        piece = text[len(self._emitted):]
+        piece = text[len(self._emitted) :]
         self._emitted += piece
         return piece

@@ -60,11 +60,11 @@ class TinyConfig:
 
 TINY_CONFIGS: dict[str, TinyConfig] = {
     # ~0.8M parameters: fast enough for tests and CPU workers.
-    "fd-tiny": TinyConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352,
-                          max_context=2048),
+    "fd-tiny": TinyConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352, max_context=2048),
     # ~25M parameters; 32 KiB of KV per token, so a 512-token prompt is a 16 MiB cache.
-    "fd-small": TinyConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1408,
-                           max_context=4096, tie_embeddings=False),
+    "fd-small": TinyConfig(
+        dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1408, max_context=4096, tie_embeddings=False
+    ),
 }
 
 
@@ -244,8 +244,7 @@ class TinyLlamaEngine(Engine):
         start = cache.num_tokens
         if cache.num_layers != self.config.n_layers:
             raise ValueError(
-                f"cache has {cache.num_layers} layers, model {self.model_name} has "
-                f"{self.config.n_layers}"
+                f"cache has {cache.num_layers} layers, model {self.model_name} has {self.config.n_layers}"
             )
         self._check_room(start + 2)
         ids = self._ids_tensor([last_token])
@@ -272,7 +271,7 @@ class TinyLlamaEngine(Engine):
         masked logits."""
         w, cfg = self._weights, self.config
         n = ids.shape[0]
-        cos, sin = self._cos[start:start + n], self._sin[start:start + n]
+        cos, sin = self._cos[start : start + n], self._sin[start : start + n]
         x = F.embedding(ids, w.embed)
         for index, layer in enumerate(w.layers):
             h = _rms_norm(x, layer.attn_norm, cfg.norm_eps)
@@ -284,8 +283,13 @@ class TinyLlamaEngine(Engine):
         return F.linear(h, w.lm_head) + self._bias
 
     def _attention(
-        self, h: torch.Tensor, layer: _Layer, index: int, cache: KVCache,
-        cos: torch.Tensor, sin: torch.Tensor,
+        self,
+        h: torch.Tensor,
+        layer: _Layer,
+        index: int,
+        cache: KVCache,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
     ) -> torch.Tensor:
         cfg = self.config
         n, hd = h.shape[0], cfg.head_dim

@@ -1,0 +1,50 @@
+"""``fd-celery``: the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import click
+
+from ..config import SCHEDULER_NAMES
+
+
+@click.group()
+@click.version_option(package_name="fd_celery")
+def main() -> None:
+    """fd_celery: FastDeploy's LLM request schedulers on Celery and Redis."""
+
+
+@main.command()
+@click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default="local", show_default=True,
+              help="Which scheduler the demo cluster runs.")
+@click.option("--requests", "num_requests", type=click.IntRange(1, 10_000), default=24, show_default=True,
+              help="Requests in the burst.")
+@click.option("--workers", "num_workers", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Worker processes (nodes) to start.")
+@click.option("--max-tokens", type=click.IntRange(1, 4096), default=48, show_default=True,
+              help="Most tokens per request (requests vary between a quarter of this and this).")
+def demo(scheduler: str, num_requests: int, num_workers: int, max_tokens: int) -> None:
+    """Start a private Redis and real workers, send a burst of requests, show who served what."""
+    from .demo import run_demo
+
+    raise SystemExit(run_demo(scheduler, num_requests, num_workers, max_tokens))
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: JSON figures and PNG plots, measured side by side in one run."""
+
+
+@bench.command()
+@click.option("--requests", "num_requests", type=click.IntRange(10, 1_000_000), default=1000,
+              show_default=True, help="Requests per measured round.")
+@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Alternating rounds of each system; the best round of each is compared.")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Pool processes of the one worker each system gets.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results",
+              show_default=True, help="Where the JSON and PNG go.")
+def dispatch(num_requests: int, rounds: int, concurrency: int, out_dir: str) -> None:
+    """One-token requests through fd_celery against a plain Celery no-op task, same Redis."""
+    from ..bench.dispatch import run_dispatch
+
+    run_dispatch(num_requests, rounds, concurrency, out_dir)

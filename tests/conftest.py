@@ -1,0 +1,78 @@
+"""Fixtures: a real redis-server on a free port, real ``celery worker`` processes, real model.
+
+One Redis and one mixed worker serve the whole session (topic ``test``); tests that need their own
+scheduler settings use their own topic or their own client app. Client-side settings (TTL,
+``scheduler_max_size``) live in the submitting app, so most tests share the one worker.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+
+import fd_celery
+from fd_celery.local_cluster import LocalCluster, RedisServer
+
+TOPIC = "test"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(redis_server: RedisServer) -> Iterator[LocalCluster]:
+    """The session's cluster: one mixed worker ``w1`` (prefork, one slot) on topic ``test``."""
+    with LocalCluster(redis_server, env={"FD_SCHEDULER_TOPIC": TOPIC}) as cluster:
+        worker = cluster.add_worker("w1")
+        cluster.wait_live([worker.node], topic=TOPIC)
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def node(cluster: LocalCluster) -> str:
+    return cluster.workers[0].node
+
+
+def make_app(redis_server: RedisServer, **overrides: Any) -> Celery:
+    """A client app of its own (its own config), on the test Redis."""
+    app = Celery(f"client-{uuid.uuid4().hex[:6]}", set_as_current=False)
+    overrides.setdefault("scheduler_topic", TOPIC)
+    fd_celery.install(app, scheduler_port=redis_server.port, **overrides)
+    return app
+
+
+@pytest.fixture
+def app(redis_server: RedisServer, cluster: LocalCluster) -> Celery:
+    return make_app(redis_server)
+
+
+@pytest.fixture
+def client(app: Celery) -> fd_celery.Client:
+    return fd_celery.Client(app)
+
+
+@pytest.fixture
+def engine() -> Any:
+    """The same built-in model the workers run, in this process: the reference."""
+    from fd_celery.engine import load_engine
+
+    return load_engine("fd-tiny", "cpu")
+
+
+def reference_tokens(engine: Any, prompt: str, max_tokens: int, temperature: float, seed: int) -> list[int]:
+    from fd_celery.engine import SamplingParams
+
+    tokens = []
+    for token in engine.generate(engine.encode(prompt), SamplingParams(temperature, seed), max_tokens):
+        if token == engine.eos_token_id:
+            break
+        tokens.append(token)
+    return tokens

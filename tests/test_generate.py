@@ -1,0 +1,109 @@
+"""One request through a real worker: same tokens as the engine, streamed in order, exact."""
+
+from __future__ import annotations
+
+import pytest
+from celery import Celery
+
+import fd_celery
+from fd_celery.errors import InvalidRequest
+
+from .conftest import make_app, reference_tokens
+
+PROMPTS = [("Hello, world", 0.0, 0), ("The quick brown fox", 0.8, 7), ("héllo wörld €", 1.2, 123)]
+
+
+@pytest.mark.parametrize("prompt,temperature,seed", PROMPTS)
+def test_worker_generates_what_the_engine_generates(client, engine, node, prompt, temperature, seed):
+    result = client.submit(prompt, max_tokens=24, temperature=temperature, seed=seed).result(timeout=60)
+
+    expected = reference_tokens(engine, prompt, 24, temperature, seed)
+    assert list(result.token_ids) == expected
+    assert result.text == engine.decode(expected)
+    assert result.served_by == (node,)
+    assert result.stolen is False
+    assert result.finish_reason in ("length", "stop")
+    assert result.prompt_tokens == len(engine.encode(prompt))
+    assert result.ttft_s > 0 and result.tpot_s >= 0
+
+
+def test_same_prompt_and_seed_give_the_same_tokens(client):
+    runs = [client.submit("determinism", max_tokens=16, temperature=1.0, seed=42) for _ in range(3)]
+    tokens = {tuple(handle.result(timeout=60).token_ids) for handle in runs}
+    assert len(tokens) == 1
+    other = client.submit("determinism", max_tokens=16, temperature=1.0, seed=43).result(timeout=60)
+    assert tuple(other.token_ids) not in tokens
+
+
+def test_stream_arrives_in_order_while_the_worker_decodes(client):
+    handle = client.submit("stream me", max_tokens=400, seed=3, temperature=0.7)
+    chunks = []
+    state_at_first_chunk = None
+    for chunk in handle.stream(timeout=120):
+        if not chunks:
+            state_at_first_chunk = handle.async_result.state
+        chunks.append(chunk)
+    result = handle.result(timeout=10)
+
+    assert state_at_first_chunk == "STARTED", "the first chunk came only after the request ended"
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert [t for c in chunks for t in c.token_ids] == list(result.token_ids)
+    assert "".join(c.text for c in chunks) == result.text
+
+
+def test_token_ids_prompt(client, engine):
+    ids = engine.encode("from ids")
+    result = client.submit(token_ids=ids, max_tokens=8, seed=1).result(timeout=60)
+    assert list(result.token_ids) == reference_tokens(engine, "from ids", 8, 0.0, 1)
+
+
+def test_plain_celery_send_task_and_get(app: Celery, client):
+    kwargs = {"prompt": "plain celery", "max_tokens": 12, "temperature": 0.5, "seed": 9}
+    plain = app.send_task("fd.generate", kwargs=kwargs).get(timeout=60)
+    via_client = client.submit(**kwargs).result(timeout=60)
+
+    assert isinstance(plain, dict)
+    assert plain["token_ids"] == list(via_client.token_ids)
+    assert plain["text"] == via_client.text
+    assert fd_celery.GenerationResult.from_dict(plain).to_dict() == plain
+
+
+def test_module_level_task_object(app: Celery):
+    from fd_celery.tasks import generate
+
+    result = app.tasks[generate.name].apply_async(kwargs={"prompt": "task object", "max_tokens": 4})
+    assert len(result.get(timeout=60)["token_ids"]) <= 4
+
+
+def test_request_id_is_the_handle_id_and_reruns_are_idempotent(client):
+    first = client.submit("idempotent", max_tokens=10, request_id="req-fixed-1")
+    assert first.request_id == "req-fixed-1"
+    one = first.result(timeout=60)
+    # The same id again (a client retry): the earlier result comes back, nothing runs twice.
+    again = client.submit("idempotent", max_tokens=10, request_id="req-fixed-1").result(timeout=60)
+    assert again == one
+
+
+def test_client_app_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import fd_celery; from fd_celery import Client, install;"
+        "from celery import Celery; install(Celery('x'));"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_worker_keeps_serving_after_engine_level_rejection(client, engine):
+    too_long = "x" * (engine.max_context + 10)
+    with pytest.raises(InvalidRequest, match="context"):
+        client.submit(too_long, max_tokens=4).result(timeout=60)
+    assert client.submit("still serving", max_tokens=3).result(timeout=60).token_ids
+
+
+def test_uninstalled_app_gets_a_clear_error(redis_server):
+    with pytest.raises(fd_celery.ConfigError, match="install"):
+        fd_celery.Client(Celery("bare", set_as_current=False))
+    assert make_app(redis_server) is not None
