@@ -7,6 +7,7 @@ scheduler settings use their own topic or their own client app. Client-side sett
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,9 @@ TOPIC = "test"
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
+    # Results still subscribed to the backend unsubscribe when collected: let them, while Redis
+    # is still up, rather than in a finalizer after it is gone.
+    gc.collect()
     server.stop()
 
 
