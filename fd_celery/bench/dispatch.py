@@ -1,8 +1,9 @@
 """``fd-celery bench dispatch``: scheduling overhead, fd_celery against plain Celery.
 
-Three single-worker setups on one private Redis, each with the same pool size:
+Four single-worker setups on one private Redis, each with the same pool size:
 ``fd_celery`` (one-token requests through ``Client.submit``/``result``, the built-in model),
-``plain`` (a Celery no-op task with Celery's defaults) and ``plain-matched`` (the same no-op
+``fd_celery-null`` (the same, with the ``bench-sleep:0`` engine that computes nothing: what is
+left is fd_celery's own overhead), ``plain`` (a Celery no-op task with Celery's defaults) and ``plain-matched`` (the same no-op
 with fd_celery's worker settings: late acks, no prefetch). Rounds alternate between them and
 the best round of each counts, so a noisy moment hurts no one setup alone.
 """
@@ -20,6 +21,7 @@ from ..local_cluster import LocalCluster
 from .common import bar_plot, write_json
 
 TOPIC = "bench-dispatch"
+NULL_TOPIC = "bench-dispatch-null"
 
 
 def _fd_round(client: Any, n: int) -> float:
@@ -45,22 +47,29 @@ def run_dispatch(num_requests: int, rounds: int, concurrency: int, out_dir: str)
 
     with LocalCluster(env={"FD_SCHEDULER_TOPIC": TOPIC}) as cluster:
         fd_worker = cluster.add_worker("fd", concurrency=concurrency)
+        null_worker = cluster.add_worker("fdnull", concurrency=concurrency, env={
+            "FD_SCHEDULER_TOPIC": NULL_TOPIC, "FD_MODEL": "bench-sleep:0"})
         cluster.add_worker("plain", app="fd_celery.bench.plain_app", concurrency=concurrency,
                            env={"BENCH_PLAIN_QUEUE": "plain"}, extra_args=["-Q", "plain"])
         cluster.add_worker("matched", app="fd_celery.bench.plain_app", concurrency=concurrency,
                            env={"BENCH_PLAIN_QUEUE": "plain-matched", "BENCH_PLAIN_MATCHED": "1"},
                            extra_args=["-Q", "plain-matched"])
         cluster.wait_live([fd_worker.node], topic=TOPIC)
+        cluster.wait_live([null_worker.node], topic=NULL_TOPIC)
 
         fd_app = Celery("bench-fd", set_as_current=False)
         fd_celery.install(fd_app, scheduler_port=cluster.redis.port, scheduler_topic=TOPIC)
         client = fd_celery.Client(fd_app)
+        null_app = Celery("bench-fd-null", set_as_current=False)
+        fd_celery.install(null_app, scheduler_port=cluster.redis.port, scheduler_topic=NULL_TOPIC)
+        null_client = fd_celery.Client(null_app)
         plain_app = Celery("bench-plain", broker=cluster.redis.url(), backend=cluster.redis.url(),
                            set_as_current=False)
         plain_app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
 
         systems: dict[str, Callable[[int], float]] = {
             "fd_celery": lambda n: _fd_round(client, n),
+            "fd_celery-null": lambda n: _fd_round(null_client, n),
             "plain": lambda n: _plain_round(plain_app, "plain", n),
             "plain-matched": lambda n: _plain_round(plain_app, "plain-matched", n),
         }
@@ -84,14 +93,19 @@ def run_dispatch(num_requests: int, rounds: int, concurrency: int, out_dir: str)
         "best_req_s": best,
         "ratio_vs_plain": best["fd_celery"] / best["plain"],
         "ratio_vs_plain_matched": best["fd_celery"] / best["plain-matched"],
+        "ratio_null_vs_plain": best["fd_celery-null"] / best["plain"],
+        "ratio_null_vs_plain_matched": best["fd_celery-null"] / best["plain-matched"],
         "target_ratio": 0.8,
     }
     click.echo("")
     click.echo(f"fd_celery      {best['fd_celery']:8.0f} req/s (one-token requests, real model)")
+    click.echo(f"fd_celery-null {best['fd_celery-null']:8.0f} req/s (one-token requests, engine that computes nothing)")
     click.echo(f"plain Celery   {best['plain']:8.0f} req/s (no-op task, Celery defaults)")
     click.echo(f"plain matched  {best['plain-matched']:8.0f} req/s (no-op task, late acks, no prefetch)")
     click.echo(f"ratio fd/plain {report['ratio_vs_plain']:.2f}; fd/plain-matched "
-               f"{report['ratio_vs_plain_matched']:.2f} (target >= 0.8)")
+               f"{report['ratio_vs_plain_matched']:.2f} (the model's own compute included)")
+    click.echo(f"ratio fd-null/plain {report['ratio_null_vs_plain']:.2f}; fd-null/plain-matched "
+               f"{report['ratio_null_vs_plain_matched']:.2f} (scheduling overhead alone; target >= 0.8)")
     write_json(out_dir, "dispatch", report)
     bar_plot(out_dir, "dispatch", f"Dispatch throughput, {concurrency} pool process(es), best of {rounds}",
              list(best), list(best.values()), "requests / s")

@@ -12,6 +12,8 @@ import os
 
 from ..errors import ConfigError
 from .base import Engine, KVCache, SamplingParams
+from .bench import PREFIX as SLEEP_PREFIX
+from .bench import SleepEngine
 from .hf import HFEngine
 from .sampling import sample_token
 from .text import TextStreamer
@@ -49,6 +51,8 @@ def load_engine(model: str = "fd-tiny", device: str = "cpu", *, seed: int = 0) -
         )
     if model in TINY_CONFIGS:
         return TinyLlamaEngine(model, device, seed=seed)
+    if model.startswith(SLEEP_PREFIX):
+        return SleepEngine(model, device)
     path = os.path.expanduser(model)
     if os.path.isdir(path):
         return HFEngine(path, device)
