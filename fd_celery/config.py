@@ -29,9 +29,17 @@ SCHEDULER_NAMES = ("local", "global", "splitwise")
 ENV_PREFIX = "FD_"
 PREFIX = "scheduler_"
 
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_TOPIC_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,253}")
+_DURATION_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*")
 _UNIT_TO_MS = {"ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def _to_float(value: float) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf  # then rejected as out of range, naming the parameter
 
 
 def parse_duration(name: str, value: object, unit: str) -> float:
@@ -39,9 +47,9 @@ def parse_duration(name: str, value: object, unit: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} is not a duration; give a number of {unit} or '250ms'")
     if isinstance(value, (int, float)):
-        number = float(value)
+        number = _to_float(value)
     elif isinstance(value, str):
-        match = _DURATION_RE.match(value)
+        match = _DURATION_RE.fullmatch(value)
         if not match:
             raise ConfigError(
                 f"{name}={value!r} is not a duration; give a number of {unit} "
@@ -77,7 +85,7 @@ def _float(low: float, high: float) -> Callable[[str, object], float]:
     def parse(name: str, value: object) -> float:
         number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
+            number = _to_float(value)
         elif isinstance(value, str):
             try:
                 number = float(value)
@@ -105,9 +113,19 @@ def _choice(*choices: str) -> Callable[[str, object], str]:
 
 
 def _host(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value.strip()):
-        raise ConfigError(f"{name}={value!r} is invalid; allowed: a host name or IP address")
-    return value.strip()
+    """A host name, an IPv4 address or an IPv6 address: nothing that could bend the Redis URL."""
+    import ipaddress
+
+    text = value.strip() if isinstance(value, str) else ""
+    if _HOSTNAME_RE.fullmatch(text):
+        return text
+    try:
+        return str(ipaddress.IPv6Address(text.strip("[]")))
+    except ValueError:
+        raise ConfigError(
+            f"{name}={value!r} is invalid; allowed: a host name, an IPv4 or an IPv6 address "
+            f"(no scheme, port, user or path)"
+        ) from None
 
 
 def _password(name: str, value: object) -> str:
@@ -117,7 +135,7 @@ def _password(name: str, value: object) -> str:
 
 
 def _topic(name: str, value: object) -> str:
-    if not isinstance(value, str) or not _TOPIC_RE.match(value):
+    if not isinstance(value, str) or not _TOPIC_RE.fullmatch(value):
         raise ConfigError(
             f"{name}={value!r} is invalid; allowed: 1-64 characters of letters, digits, '_', '.', '-'"
         )
@@ -142,7 +160,9 @@ class SchedulerConfig:
     scheduler_host: str = _param("127.0.0.1", _host, "Redis host")
     scheduler_port: int = _param(6379, _integer(1, 65535), "Redis port")
     scheduler_db: int = _param(0, _integer(0, 10_000), "Redis database index")
-    scheduler_password: str = _param("", _password, "Redis password ('' for none)")
+    scheduler_password: str = field(
+        default="", repr=False, metadata={"parse": _password, "doc": "Redis password ('' for none)"}
+    )
     scheduler_topic: str = _param("default", _topic, "nodes of one topic schedule together")
     scheduler_min_load_score: float = _param(
         3.0, _float(0.0, 1e9), "a node is stolen from only at this load score or above"
@@ -199,12 +219,16 @@ class SchedulerConfig:
     def redis_url(self) -> str:
         """The Redis URL that broker and result backend default to."""
         auth = f":{_quote(self.scheduler_password)}@" if self.scheduler_password else ""
-        return f"redis://{auth}{self.scheduler_host}:{self.scheduler_port}/{self.scheduler_db}"
+        return f"redis://{auth}{self._url_host}:{self.scheduler_port}/{self.scheduler_db}"
+
+    @property
+    def _url_host(self) -> str:
+        return f"[{self.scheduler_host}]" if ":" in self.scheduler_host else self.scheduler_host
 
     def redacted_url(self) -> str:
         """``redis_url`` with the password masked, for logs and errors."""
         auth = ":***@" if self.scheduler_password else ""
-        return f"redis://{auth}{self.scheduler_host}:{self.scheduler_port}/{self.scheduler_db}"
+        return f"redis://{auth}{self._url_host}:{self.scheduler_port}/{self.scheduler_db}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -260,7 +284,8 @@ def check_names(values: Mapping[str, Any], source: str, *, env: bool = False) ->
     for name in values:
         if name not in known:
             shown = (ENV_PREFIX + name.upper()) if env else name
-            close = difflib.get_close_matches(name, known, n=1)
+            short = {k[len(PREFIX):]: k for k in known}
+            close = [short[m] for m in difflib.get_close_matches(name[len(PREFIX):], list(short), n=1)]
             hint = f"; did you mean {(ENV_PREFIX + close[0].upper()) if env else close[0]}?" if close else ""
             raise ConfigError(f"unknown {source} {shown!r}{hint}")
 

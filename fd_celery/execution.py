@@ -28,7 +28,7 @@ from .errors import (
     error_from_dict,
     error_to_dict,
 )
-from .keys import output_stream
+from .keys import check_request_id, output_stream
 from .protocol import GenerateRequest, GenerationResult, OutputChunk, parse_request
 from .stream import END_RETENTION_S, EXPIRED_RETENTION_S, OutputWriter, last_entry, writer_for
 
@@ -93,7 +93,7 @@ def _outcome(end: dict[str, Any]) -> dict[str, Any]:
 
 def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     config = get_config(task.app)
-    request_id = str(task.request.id)
+    request_id = check_request_id(task.request.id)  # it names keys: check before any is touched
     client = redis_for(config)
     out = _Output(
         writer=writer_for(client, config.scheduler_writer_parallel, config.scheduler_writer_batch_size),

@@ -8,6 +8,9 @@ Layout (``T`` = ``scheduler_topic``; nodes of different topics share nothing)::
     fd:T:pending            zset    local scheduler admission: request id -> deadline (epoch ms)
     fd:T:nodes              zset    node name -> last heartbeat (epoch ms)
     fd:T:node:<node>        hash    node facts: role, slots, model, device, host, pid, started_ms
+    fd:T:load:<role>:<i>    zset    load table: node -> load score (shard i = crc32(node) % N)
+    fd:T:steals             hash    "<node>:made" / "<node>:suffered" -> steal counters
+    fd:T:stolen:<req id>    string  the node a request was stolen from (expires with the TTL)
 
 Celery queues (kombu keeps each as a Redis list of the same name)::
 
@@ -25,6 +28,10 @@ __all__ = [
     "pending_set",
     "nodes_zset",
     "node_hash",
+    "load_shard",
+    "shard_of",
+    "steals_hash",
+    "stolen_marker",
     "role_queue",
     "node_queue",
     "check_request_id",
@@ -32,14 +39,14 @@ __all__ = [
 
 ROLES = ("mixed", "prefill", "decode")
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
 
 def check_request_id(request_id: str) -> str:
     """Request ids end up in key names: allow a safe alphabet only (no glob or separator tricks)."""
     from .errors import InvalidRequest
 
-    if not isinstance(request_id, str) or not _REQUEST_ID_RE.match(request_id):
+    if not isinstance(request_id, str) or not _REQUEST_ID_RE.fullmatch(request_id):
         raise InvalidRequest(
             f"request_id={request_id!r} is invalid; use 1-128 letters, digits, '_', '.', ':', '-'"
         )
@@ -60,6 +67,24 @@ def nodes_zset(topic: str) -> str:
 
 def node_hash(topic: str, node: str) -> str:
     return f"fd:{topic}:node:{node}"
+
+
+def load_shard(topic: str, role: str, shard: int) -> str:
+    return f"fd:{topic}:load:{role}:{shard}"
+
+
+def shard_of(node: str, shards: int) -> int:
+    import zlib
+
+    return zlib.crc32(node.encode()) % shards
+
+
+def steals_hash(topic: str) -> str:
+    return f"fd:{topic}:steals"
+
+
+def stolen_marker(topic: str, request_id: str) -> str:
+    return f"fd:{topic}:stolen:{request_id}"
 
 
 def role_queue(topic: str, role: str) -> str:

@@ -17,7 +17,10 @@ import torch
 
 from .base import SamplingParams
 
-__all__ = ["position_seed", "sample_token"]
+__all__ = ["position_seed", "sample_token", "GREEDY_BELOW"]
+
+# Temperatures below this sample greedily: softmax(logits / T) is argmax to float64 precision.
+GREEDY_BELOW = 1e-6
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -51,7 +54,7 @@ def sample_token(logits: torch.Tensor, sampling: SamplingParams, position: int) 
         raise ValueError(f"temperature must be a finite number >= 0, got {sampling.temperature!r}")
     if logits.dim() != 1:
         raise ValueError(f"expected 1-D logits, got shape {tuple(logits.shape)}")
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:  # dividing by a subnormal temperature would overflow
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits.detach().to("cpu", torch.float64) / temperature, dim=0)
     cdf = torch.cumsum(probs, dim=0)
