@@ -29,6 +29,7 @@ DEFAULT_DEVICE = "cpu"
 # A request may run this long after it starts; Redis redelivers an unacked message only after
 # the visibility timeout, which must exceed the TTL plus this, or a slow request runs twice.
 MAX_RUN_S = 3600
+UNACKED_RESTORE_INTERVAL_S = 5
 # Celery's own ``expires`` is a backstop behind our exact TTL check at execution.
 EXPIRES_BACKSTOP_GRACE_S = 5.0
 
@@ -122,6 +123,11 @@ def _configure_celery(app: Celery, config: SchedulerConfig) -> None:
     conf.broker_connection_retry_on_startup = True
     transport = dict(conf.broker_transport_options or {})
     transport.setdefault("visibility_timeout", int(config.ttl_s + MAX_RUN_S))
+    # kombu sweeps for unacked messages of dead workers every interval x throttle seconds
+    # (10 x 10 by default); sweep every few seconds, so recovery is bounded by the visibility
+    # timeout rather than by the sweep.
+    transport.setdefault("unacked_restore_interval", UNACKED_RESTORE_INTERVAL_S)
+    transport.setdefault("unacked_restore_throttle", 1)
     conf.broker_transport_options = transport
     from .routing import route_task
 

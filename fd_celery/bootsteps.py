@@ -17,9 +17,10 @@ from typing import Any
 
 from celery import bootsteps, signals
 
-from . import keys, registry
+from . import keys, loadtable, registry
 from .app import _NODE_ATTR, NodeSettings, get_config, get_node_settings
 from .connection import redis_for
+from .stealing import Thief
 
 __all__ = ["FDWorkerStep"]
 
@@ -64,6 +65,10 @@ class FDWorkerStep(bootsteps.StartStopStep):
         self._thread: threading.Thread | None = None
         self.started_ms = int(time.time() * 1000)
         self.slots = concurrency
+        self.app = app
+        self.thief: Thief | None = None
+        self.load_score = 0.0
+        self.waiting = 0
 
     def start(self, worker: Any) -> None:
         app = worker.app
@@ -71,11 +76,18 @@ class FDWorkerStep(bootsteps.StartStopStep):
         settings = get_node_settings(app)
         client = redis_for(config)
         registry.register(client, config, self.node, self._facts(worker))
+        self._publish(client, config)
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._heartbeat, args=(app,), name="fd-heartbeat", daemon=True
         )
         self._thread.start()
+        if config.scheduler_name == "global":
+            visibility_s = float((app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+            self.thief = Thief(
+                client, config, settings.role, self.node, self.slots, _CeleryWorkerView(), visibility_s
+            )
+            self.thief.start()
         logger.info(
             "fd_celery node %s: role %s, model %s on %s, scheduler %s, topic %s, queues %s",
             self.node, settings.role, settings.model, settings.device,
@@ -84,11 +96,18 @@ class FDWorkerStep(bootsteps.StartStopStep):
 
     def stop(self, worker: Any) -> None:
         self._stop.set()
+        if self.thief is not None:
+            self.thief.stop()
+            self.thief = None
         if self._thread is not None:
             self._thread.join(timeout=2)
         config = get_config(worker.app)
         try:
-            registry.unregister(redis_for(config), config, self.node)
+            client = redis_for(config)
+            registry.unregister(client, config, self.node)
+            _, waiting = self._publish(client, config, beat=False)
+            if not waiting:  # requests still queued here stay visible to thieves as orphans
+                loadtable.remove(client, config, get_node_settings(worker.app).role, [self.node])
         except Exception as exc:  # Redis may already be gone at shutdown
             logger.warning("could not leave the node registry: %s", exc)
 
@@ -97,6 +116,14 @@ class FDWorkerStep(bootsteps.StartStopStep):
     def info(self, worker: Any) -> dict[str, Any]:
         settings = get_node_settings(worker.app)
         config = get_config(worker.app)
+        made = suffered = None
+        try:
+            counters = redis_for(config).hmget(
+                keys.steals_hash(config.scheduler_topic), f"{self.node}:made", f"{self.node}:suffered"
+            )
+            made, suffered = (int(c or 0) for c in counters)
+        except Exception as exc:
+            logger.warning("could not read steal counters: %s", exc)
         return {
             "fd": {
                 "node": self.node,
@@ -106,6 +133,11 @@ class FDWorkerStep(bootsteps.StartStopStep):
                 "scheduler": config.scheduler_name,
                 "topic": config.scheduler_topic,
                 "slots": self.slots,
+                "running": _requests_held(),
+                "queue_depth": self.waiting,
+                "load_score": round(self.load_score, 4),
+                "steals_made": made,
+                "steals_suffered": suffered,
                 "queues": self.queues,
             }
         }
@@ -122,15 +154,50 @@ class FDWorkerStep(bootsteps.StartStopStep):
             "started_ms": self.started_ms,
         }
 
+    def _publish(self, client: Any, config: Any, beat: bool = True) -> tuple[float, int]:
+        """Heartbeat plus load score, both from the truth (see :mod:`fd_celery.loadtable`)."""
+        role = get_node_settings(self.app).role
+        if not beat:
+            queue = self.queues[1]
+            return 0.0, sum(client.llen(q) for q in loadtable.queue_lists(queue))
+        self.load_score, self.waiting = loadtable.publish(
+            client, config, role, self.node, _requests_held(), self.slots, self.queues[1]
+        )
+        return self.load_score, self.waiting
+
     def _heartbeat(self, app: Any) -> None:
         config = get_config(app)
         client = redis_for(config)
         while not self._stop.wait(config.sync_period_s):
             try:
-                registry.heartbeat(client, config, self.node)
+                self._publish(client, config)
             except Exception as exc:
                 logger.warning("heartbeat failed: %s", exc)
                 self._stop.wait(min(1.0, config.expire_period_s / 2))
+
+
+def _requests_held() -> int:
+    """Requests this worker holds: running, or received and about to run."""
+    from celery.worker import state
+
+    return len(state.reserved_requests)
+
+
+class _CeleryWorkerView:
+    """The thief's view of this worker, from Celery's own worker state (main process)."""
+
+    def held(self) -> int:
+        return _requests_held()
+
+    def arrived(self, request_id: str, started_before: int) -> bool:
+        from celery.worker import state
+
+        return request_id in state.requests or state.all_total_count[0] > started_before
+
+    def started_count(self) -> int:
+        from celery.worker import state
+
+        return int(state.all_total_count[0])
 
 
 _worker_app: Any = None

@@ -30,6 +30,7 @@ from .errors import (
 )
 from .keys import check_request_id, output_stream
 from .protocol import GenerateRequest, GenerationResult, OutputChunk, parse_request
+from .stealing import stolen_from
 from .stream import END_RETENTION_S, EXPIRED_RETENTION_S, OutputWriter, last_entry, writer_for
 
 __all__ = ["run_generate", "engine_for"]
@@ -103,6 +104,7 @@ def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> d
     started = time.time()
     with redis_errors(config):
         previous = last_entry(client, out.key)
+        stolen = stolen_from(client, config, request_id) if config.scheduler_name == "global" else None
         ticket = task.request.get("fd_ticket")
         if isinstance(ticket, str):
             admission.release(client, config, ticket)
@@ -113,7 +115,7 @@ def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> d
         out.seq = previous.seq + 1  # an earlier run died mid-way: its chunks are not sent twice
     try:
         request = _check(task, args, kwargs, started)
-        result = _generate(task, config, request, out, started)
+        result = _generate(task, config, request, out, started, stolen)
     except FDCeleryError as exc:
         retention = EXPIRED_RETENTION_S if isinstance(exc, RequestExpired) else END_RETENTION_S
         return _outcome(out.end({"error": error_to_dict(exc)}, retention))
@@ -158,7 +160,12 @@ def seed_for(request: GenerateRequest, request_id: str) -> int:
 
 
 def _generate(
-    task: Task, config: SchedulerConfig, request: GenerateRequest, out: _Output, started: float
+    task: Task,
+    config: SchedulerConfig,
+    request: GenerateRequest,
+    out: _Output,
+    started: float,
+    stolen: tuple[str, float] | None,
 ) -> GenerationResult:
     from .engine import SamplingParams, TextStreamer
 
@@ -193,10 +200,15 @@ def _generate(
         token_ids=tuple(out.token_ids),
         finish_reason=finish_reason,
         served_by=(str(task.request.hostname),),
-        stolen=False,
+        stolen=stolen is not None,
         ttft_s=max(0.0, first_at - submitted),
         tpot_s=(last_at - first_at) / (produced - 1) if produced > 1 else 0.0,
         queue_s=max(0.0, started - submitted),
         prompt_tokens=len(prompt_ids),
         model=engine.model_name,
+        extra=(
+            {"stolen_from": stolen[0], "steal_reaction_s": max(0.0, started - stolen[1])}
+            if stolen is not None
+            else {}
+        ),
     )

@@ -42,15 +42,16 @@ def shard_keys(config: SchedulerConfig, role: str) -> list[str]:
 
 
 # KEYS[1] = the node's load shard (zset node -> score), KEYS[2] = nodes zset (node -> heartbeat
-# ms), KEYS[3..] = the lists of the node's own queue.
+# ms), KEYS[3] = the node's hash (field running), KEYS[4..] = the lists of the node's own queue.
 # ARGV[1] = node, ARGV[2] = requests running, ARGV[3] = slots, ARGV[4] = now (ms)
-# Returns the published score (as a string: Lua would truncate a number).
+# Returns the published score (as a string: Lua would truncate a number) and the waiting count.
 _PUBLISH = """
 local waiting = 0
-for i = 3, #KEYS do waiting = waiting + redis.call('LLEN', KEYS[i]) end
+for i = 4, #KEYS do waiting = waiting + redis.call('LLEN', KEYS[i]) end
 local score = (waiting + tonumber(ARGV[2])) / tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], score, ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('HSET', KEYS[3], 'running', ARGV[2])
 return {tostring(score), waiting}
 """
 
@@ -102,7 +103,7 @@ def publish(
     topic = config.scheduler_topic
     shard = keys.load_shard(topic, role, keys.shard_of(node, config.scheduler_load_shards_num))
     reply = _script(client, _PUBLISH)(
-        keys=[shard, keys.nodes_zset(topic), *queue_lists(own_queue)],
+        keys=[shard, keys.nodes_zset(topic), keys.node_hash(topic, node), *queue_lists(own_queue)],
         args=[node, running, max(1, slots), int(time.time() * 1000)],
     )
     return float(reply[0]), int(reply[1])

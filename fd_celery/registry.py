@@ -1,7 +1,7 @@
 """The node registry: who is alive in a topic, and what each node is.
 
-A node heartbeats every ``scheduler_sync_period`` (a score in the ``nodes`` zset, epoch ms) and
-keeps its facts in its own hash. A node whose heartbeat is older than ``scheduler_expire_period``
+A node heartbeats every ``scheduler_sync_period`` (a score in the ``nodes`` zset, epoch ms, written
+with its load by :func:`fd_celery.loadtable.publish`) and keeps its facts in its own hash. A node whose heartbeat is older than ``scheduler_expire_period``
 is dead: it is not listed and not routed to, whatever its hash still says.
 """
 
@@ -18,7 +18,7 @@ import redis
 from .config import SchedulerConfig
 from .keys import node_hash, nodes_zset
 
-__all__ = ["NodeInfo", "heartbeat", "register", "unregister", "live_nodes", "is_live"]
+__all__ = ["NodeInfo", "register", "unregister", "live_nodes", "is_live"]
 
 
 @dataclass(frozen=True)
@@ -46,18 +46,6 @@ def register(client: redis.Redis, config: SchedulerConfig, node: str, facts: Map
     pipe.delete(node_hash(topic, node))
     pipe.hset(node_hash(topic, node), mapping={k: json.dumps(v) for k, v in facts.items()})
     pipe.zadd(nodes_zset(topic), {node: _now_ms()})
-    pipe.execute()
-
-
-def heartbeat(
-    client: redis.Redis, config: SchedulerConfig, node: str, facts: Mapping[str, Any] | None = None
-) -> None:
-    """Refresh the heartbeat, and any facts that change (load, counters)."""
-    topic = config.scheduler_topic
-    pipe = client.pipeline(transaction=False)
-    pipe.zadd(nodes_zset(topic), {node: _now_ms()})
-    if facts:
-        pipe.hset(node_hash(topic, node), mapping={k: json.dumps(v) for k, v in facts.items()})
     pipe.execute()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery, current_app
 
-from . import admission, keys, registry
+from . import admission, keys, loadtable, registry
 from .app import get_config
 from .connection import redis_errors, redis_for
 from .errors import NoNodeAvailable
@@ -54,15 +54,23 @@ def route_task(
 
 
 def _queue_for(app: Celery, request: GenerateRequest) -> str:
+    """``node=``: that node's own queue. Local: the topic's shared queue, which every node
+    consumes. Global: the own queue of the least loaded live node; with no node live, the shared
+    queue, which the first node to come up drains (the request waits within its TTL)."""
     config = get_config(app)
     topic = config.scheduler_topic
-    if request.node is None:
-        return keys.role_queue(topic, "mixed")
-    with redis_errors(config):
-        live = registry.is_live(redis_for(config), config, request.node)
-    if not live:
-        raise NoNodeAvailable(f"node {request.node!r} is not live in topic {topic!r}")
-    return keys.node_queue(topic, "mixed", request.node)
+    if request.node is not None:
+        with redis_errors(config):
+            live = registry.is_live(redis_for(config), config, request.node)
+        if not live:
+            raise NoNodeAvailable(f"node {request.node!r} is not live in topic {topic!r}")
+        return keys.node_queue(topic, "mixed", request.node)
+    if config.scheduler_name == "global":
+        with redis_errors(config):
+            node = loadtable.place(redis_for(config), config, "mixed")
+        if node is not None:
+            return keys.node_queue(topic, "mixed", node)
+    return keys.role_queue(topic, "mixed")
 
 
 def _redacted(request: GenerateRequest) -> str:
