@@ -40,12 +40,14 @@ def _plain_round(app: Any, queue: str, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-def run_dispatch(num_requests: int, rounds: int, concurrency: int, out_dir: str) -> dict[str, Any]:
+def run_dispatch(
+    num_requests: int, rounds: int, concurrency: int, out_dir: str, scheduler: str = "local"
+) -> dict[str, Any]:
     from celery import Celery
 
     import fd_celery
 
-    with LocalCluster(env={"FD_SCHEDULER_TOPIC": TOPIC}) as cluster:
+    with LocalCluster(env={"FD_SCHEDULER_TOPIC": TOPIC, "FD_SCHEDULER_NAME": scheduler}) as cluster:
         fd_worker = cluster.add_worker("fd", concurrency=concurrency)
         null_worker = cluster.add_worker("fdnull", concurrency=concurrency, env={
             "FD_SCHEDULER_TOPIC": NULL_TOPIC, "FD_MODEL": "bench-sleep:0"})
@@ -58,10 +60,12 @@ def run_dispatch(num_requests: int, rounds: int, concurrency: int, out_dir: str)
         cluster.wait_live([null_worker.node], topic=NULL_TOPIC)
 
         fd_app = Celery("bench-fd", set_as_current=False)
-        fd_celery.install(fd_app, scheduler_port=cluster.redis.port, scheduler_topic=TOPIC)
+        fd_celery.install(fd_app, scheduler_port=cluster.redis.port, scheduler_topic=TOPIC,
+                          scheduler_name=scheduler)
         client = fd_celery.Client(fd_app)
         null_app = Celery("bench-fd-null", set_as_current=False)
-        fd_celery.install(null_app, scheduler_port=cluster.redis.port, scheduler_topic=NULL_TOPIC)
+        fd_celery.install(null_app, scheduler_port=cluster.redis.port, scheduler_topic=NULL_TOPIC,
+                          scheduler_name=scheduler)
         null_client = fd_celery.Client(null_app)
         plain_app = Celery("bench-plain", broker=cluster.redis.url(), backend=cluster.redis.url(),
                            set_as_current=False)
@@ -85,6 +89,7 @@ def run_dispatch(num_requests: int, rounds: int, concurrency: int, out_dir: str)
     best = {name: max(values) for name, values in throughput.items()}
     report = {
         "benchmark": "dispatch",
+        "scheduler": scheduler,
         "requests_per_round": num_requests,
         "rounds": rounds,
         "worker_concurrency": concurrency,
@@ -106,8 +111,8 @@ def run_dispatch(num_requests: int, rounds: int, concurrency: int, out_dir: str)
                f"{report['ratio_vs_plain_matched']:.2f} (the model's own compute included)")
     click.echo(f"ratio fd-null/plain {report['ratio_null_vs_plain']:.2f}; fd-null/plain-matched "
                f"{report['ratio_null_vs_plain_matched']:.2f} (scheduling overhead alone; target >= 0.8)")
-    write_json(out_dir, "dispatch", report)
-    bar_plot(out_dir, "dispatch", f"Dispatch throughput, {concurrency} pool process(es), best of {rounds}",
+    write_json(out_dir, f"dispatch-{scheduler}", report)
+    bar_plot(out_dir, f"dispatch-{scheduler}", f"{scheduler} scheduler: dispatch throughput, {concurrency} pool process(es), best of {rounds}",
              list(best), list(best.values()), "requests / s")
     return report
 

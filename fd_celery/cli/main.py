@@ -41,10 +41,28 @@ def bench() -> None:
               help="Alternating rounds of each system; the best round of each is compared.")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Pool processes of the one worker each system gets.")
+@click.option("--scheduler", type=click.Choice(["local", "global"]), default="local", show_default=True,
+              help="The fd_celery scheduler measured.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results",
               show_default=True, help="Where the JSON and PNG go.")
-def dispatch(num_requests: int, rounds: int, concurrency: int, out_dir: str) -> None:
+def dispatch(num_requests: int, rounds: int, concurrency: int, scheduler: str, out_dir: str) -> None:
     """One-token requests through fd_celery against a plain Celery no-op task, same Redis."""
     from ..bench.dispatch import run_dispatch
 
-    run_dispatch(num_requests, rounds, concurrency, out_dir)
+    run_dispatch(num_requests, rounds, concurrency, out_dir, scheduler)
+
+
+@bench.command()
+@click.option("--requests", "num_requests", type=click.IntRange(4, 100_000), default=64, show_default=True,
+              help="Requests in the burst, all submitted to one node.")
+@click.option("--tokens", type=click.IntRange(1, 10_000), default=10, show_default=True,
+              help="Tokens per request.")
+@click.option("--ms-per-token", type=click.FloatRange(0, 1000), default=20.0, show_default=True,
+              help="Service time per token of the bench-sleep engine.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results",
+              show_default=True, help="Where the JSON and PNG go.")
+def steal(num_requests: int, tokens: int, ms_per_token: float, out_dir: str) -> None:
+    """Global scheduler: makespan with and without stealing against the ideal; steal reaction."""
+    from ..bench.steal import run_steal
+
+    run_steal(num_requests, tokens, ms_per_token, out_dir)
