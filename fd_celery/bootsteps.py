@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import bootsteps, signals
 
-from . import keys, loadtable, registry
+from . import keys, kvstore, loadtable, registry
 from .app import _NODE_ATTR, NodeSettings, get_config, get_node_settings
 from .connection import redis_for
 from .stealing import Thief
@@ -82,7 +82,9 @@ class FDWorkerStep(bootsteps.StartStopStep):
             target=self._heartbeat, args=(app,), name="fd-heartbeat", daemon=True
         )
         self._thread.start()
-        if config.scheduler_name == "global":
+        if config.scheduler_name in ("global", "splitwise"):
+            if config.scheduler_name == "splitwise":  # no stealing between live nodes; orphans only
+                config = config.replace(scheduler_min_load_score=ORPHANS_ONLY_SCORE)
             visibility_s = float((app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
             self.thief = Thief(
                 client, config, settings.role, self.node, self.slots, _CeleryWorkerView(), visibility_s
@@ -168,9 +170,13 @@ class FDWorkerStep(bootsteps.StartStopStep):
     def _heartbeat(self, app: Any) -> None:
         config = get_config(app)
         client = redis_for(config)
+        next_sweep = time.monotonic()
         while not self._stop.wait(config.sync_period_s):
             try:
                 self._publish(client, config)
+                if time.monotonic() >= next_sweep:  # KV blobs whose request expired
+                    kvstore.sweep_shm(config.ttl_s + SWEEP_GRACE_S)
+                    next_sweep = time.monotonic() + SWEEP_INTERVAL_S
             except Exception as exc:
                 logger.warning("heartbeat failed: %s", exc)
                 self._stop.wait(min(1.0, config.expire_period_s / 2))
@@ -201,6 +207,10 @@ class _CeleryWorkerView:
 
 
 _worker_app: Any = None
+
+ORPHANS_ONLY_SCORE = 1e9  # splitwise thieves take only the queues of dead nodes
+SWEEP_INTERVAL_S = 10.0
+SWEEP_GRACE_S = 60.0
 
 # Intra-op threads per pool process. One is the fastest for small-batch decoding on CPU (more
 # threads spin against each other and against the other pool processes); FD_TORCH_THREADS=N

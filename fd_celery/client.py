@@ -47,6 +47,8 @@ class Client:
     def __init__(self, app: Celery) -> None:
         self.app = app
         self.config = get_config(app)
+        # Splitwise requests start with prefill; the output stream carries both halves.
+        self._task_name = "fd.prefill" if self.config.scheduler_name == "splitwise" else "fd.generate"
 
     def submit(
         self,
@@ -84,7 +86,7 @@ class Client:
         try:
             with redis_errors(self.config):
                 async_result = self.app.send_task(
-                    "fd.generate", kwargs=kwargs, task_id=request_id, priority=priority
+                    self._task_name, kwargs=kwargs, task_id=request_id, priority=priority
                 )
         except kombu.exceptions.OperationalError as exc:
             raise BrokerUnavailable(

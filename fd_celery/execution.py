@@ -1,39 +1,57 @@
-"""Running a request on a worker: checks, the engine, and the output stream.
+"""Running requests on a worker: checks, the engine, the output stream, the KV hand-off.
 
 Runs inside the pool process (prefork child or thread). A request may be delivered more than once
 (acks are late), so every run first looks at the request's output stream: if an earlier run ended
-it, this run returns (or raises) what that run ended with and computes nothing.
+it, this run returns (or raises) what that run ended with and computes nothing; if an earlier run
+died half-way, this one computes again (the engine is exact) but writes only what is missing.
+
+- ``fd.generate``: prefill and decode here.
+- ``fd.prefill``: prefill here, write the first token, choose the decode node (fresh load),
+  store the KV cache, put the reference in the result backend, send ``fd.decode``.
+- ``fd.decode``: resolve the reference, load and release the blob, decode the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery import Celery, Task
+import redis
+from celery import Celery, Task, states
 
-from . import admission
+from . import admission, kvstore, loadtable
 from .app import get_config, get_node_settings
 from .config import SchedulerConfig
 from .connection import redis_errors, redis_for
 from .errors import (
     FDCeleryError,
     InvalidRequest,
+    KVRefError,
+    NoNodeAvailable,
     RequestExpired,
     WorkerError,
     error_from_dict,
     error_to_dict,
 )
 from .keys import check_request_id, output_stream
-from .protocol import GenerateRequest, GenerationResult, OutputChunk, parse_request
+from .protocol import (
+    DecodeRequest,
+    GenerateRequest,
+    GenerationResult,
+    OutputChunk,
+    parse_decode_kwargs,
+    parse_request,
+)
 from .stealing import stolen_from
-from .stream import END_RETENTION_S, EXPIRED_RETENTION_S, OutputWriter, last_entry, writer_for
+from .stream import END_RETENTION_S, EXPIRED_RETENTION_S, OutputWriter, StreamEntry, last_entry, writer_for
 
-__all__ = ["run_generate", "engine_for"]
+__all__ = ["run_generate", "run_prefill", "run_decode", "engine_for", "seed_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +78,7 @@ def engine_for(app: Celery) -> Any:
 
 @dataclass
 class _Output:
-    """One run's view of its output stream: the next seq, and how to end."""
+    """One run's view of its request's output stream: the next seq, and how to end."""
 
     writer: OutputWriter
     key: str
@@ -69,8 +87,9 @@ class _Output:
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
 
-    def chunk(self, text: str, token_ids: tuple[int, ...]) -> None:
-        self.writer.write(self.key, self.seq, OutputChunk(self.seq, text, token_ids).to_dict(), self.ttl_s)
+    def chunk(self, text: str, token_ids: tuple[int, ...], write: bool = True) -> None:
+        if write:
+            self.writer.write(self.key, self.seq, OutputChunk(self.seq, text, token_ids).to_dict(), self.ttl_s)
         self.seq += 1
         self.token_ids.extend(token_ids)
         self.text.append(text)
@@ -78,6 +97,47 @@ class _Output:
     def end(self, payload: dict[str, Any], retention_s: float) -> dict[str, Any]:
         """Write the end entry; returns the end as stored (an earlier run's, if there was one)."""
         return self.writer.finish(self.key, self.seq, {"seq": self.seq, **payload}, retention_s)
+
+    def fail(self, exc: FDCeleryError) -> dict[str, Any]:
+        retention = EXPIRED_RETENTION_S if isinstance(exc, RequestExpired) else END_RETENTION_S
+        return _outcome(self.end({"error": error_to_dict(exc)}, retention))
+
+
+@dataclass
+class _Run:
+    """What every task needs: config, Redis, this node, the request's output stream."""
+
+    task: Task
+    config: SchedulerConfig
+    client: redis.Redis
+    request_id: str
+    out: _Output
+    previous: StreamEntry | None
+    started: float
+
+    @classmethod
+    def open(cls, task: Task, request_id: Any) -> _Run:
+        config = get_config(task.app)
+        request_id = check_request_id(request_id)  # it names keys: check before any is touched
+        client = redis_for(config)
+        out = _Output(
+            writer=writer_for(client, config.scheduler_writer_parallel, config.scheduler_writer_batch_size),
+            key=output_stream(config.scheduler_topic, request_id),
+            ttl_s=config.ttl_s,
+        )
+        with redis_errors(config):
+            previous = last_entry(client, out.key)
+        return cls(task, config, client, request_id, out, previous, time.time())
+
+    @property
+    def node(self) -> str:
+        return str(self.task.request.hostname)
+
+    def ended_before(self) -> bool:
+        if self.previous is not None and self.previous.end:
+            logger.info("request %s already ended in an earlier run; not running it again", self.request_id)
+            return True
+        return False
 
 
 def _header(task: Task, name: str) -> float | None:
@@ -92,50 +152,36 @@ def _outcome(end: dict[str, Any]) -> dict[str, Any]:
     raise error_from_dict(end.get("error"))
 
 
-def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    config = get_config(task.app)
-    request_id = check_request_id(task.request.id)  # it names keys: check before any is touched
-    client = redis_for(config)
-    out = _Output(
-        writer=writer_for(client, config.scheduler_writer_parallel, config.scheduler_writer_batch_size),
-        key=output_stream(config.scheduler_topic, request_id),
-        ttl_s=config.ttl_s,
-    )
-    started = time.time()
-    with redis_errors(config):
-        previous = last_entry(client, out.key)
-        stolen = stolen_from(client, config, request_id) if config.scheduler_name == "global" else None
-        ticket = task.request.get("fd_ticket")
-        if isinstance(ticket, str):
-            admission.release(client, config, ticket)
-    if previous is not None and previous.end:
-        logger.info("request %s already ended in an earlier run; not running it again", request_id)
-        return _outcome(previous.data)
-    if previous is not None:
-        out.seq = previous.seq + 1  # an earlier run died mid-way: its chunks are not sent twice
+def _guarded(run: _Run, work: Any) -> dict[str, Any]:
+    """Run ``work``; any failure becomes the request's end entry, which the caller sees."""
     try:
-        request = _check(task, args, kwargs, started)
-        result = _generate(task, config, request, out, started, stolen)
+        return work()
     except FDCeleryError as exc:
-        retention = EXPIRED_RETENTION_S if isinstance(exc, RequestExpired) else END_RETENTION_S
-        return _outcome(out.end({"error": error_to_dict(exc)}, retention))
+        return run.out.fail(exc)
     except Exception as exc:
-        logger.exception("request %s failed in the engine", request_id)
-        error = WorkerError(f"the worker failed the request: {type(exc).__name__}: {exc}")
-        return _outcome(out.end({"error": error_to_dict(error)}, END_RETENTION_S))
-    return _outcome(out.end({"result": result.to_dict()}, END_RETENTION_S))
+        logger.exception("request %s failed in the engine", run.request_id)
+        return run.out.fail(WorkerError(f"the worker failed the request: {type(exc).__name__}: {exc}"))
 
 
-def _check(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any], now: float) -> GenerateRequest:
+# --------------------------------------------------------------------------- checks
+
+
+def _admitted(run: _Run, args: tuple[Any, ...], kwargs: dict[str, Any]) -> GenerateRequest:
+    """A fresh request: release its admission ticket, enforce the TTL, check its fields."""
+    task = run.task
+    ticket = task.request.get("fd_ticket")
+    if isinstance(ticket, str):
+        with redis_errors(run.config):
+            admission.release(run.client, run.config, ticket)
     deadline = _header(task, "fd_deadline")
-    if deadline is not None and now > deadline:
+    if deadline is not None and run.started > deadline:
         submitted = _header(task, "fd_submitted") or deadline
         raise RequestExpired(
-            f"request {task.request.id} waited {now - submitted:.3f}s, past its TTL of "
+            f"request {run.request_id} waited {run.started - submitted:.3f}s, past its TTL of "
             f"{deadline - submitted:.3f}s (scheduler_ttl); it was not started"
         )
     if args:
-        raise InvalidRequest(f"fd.generate takes keyword arguments only, got {len(args)} positional")
+        raise InvalidRequest(f"{task.name} takes keyword arguments only, got {len(args)} positional")
     return parse_request(kwargs)
 
 
@@ -159,56 +205,232 @@ def seed_for(request: GenerateRequest, request_id: str) -> int:
     return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") >> 1
 
 
-def _generate(
-    task: Task,
-    config: SchedulerConfig,
-    request: GenerateRequest,
-    out: _Output,
-    started: float,
-    stolen: tuple[str, float] | None,
-) -> GenerationResult:
-    from .engine import SamplingParams, TextStreamer
+# --------------------------------------------------------------------------- token loop
 
-    engine = engine_for(task.app)
-    prompt_ids = _prompt_ids(engine, request)
-    sampling = SamplingParams(request.temperature, seed_for(request, str(task.request.id)))
-    streamer = TextStreamer(engine)
-    skip = out.seq  # chunks an earlier run already wrote
-    produced = 0
-    finish_reason = "length"
-    first_at = last_at = 0.0
-    for token in engine.generate(prompt_ids, sampling, request.max_tokens):
+
+@dataclass
+class _Decoded:
+    finish_reason: str
+    first_at: float
+    last_at: float
+    produced: int
+
+
+def _stream_tokens(engine: Any, out: _Output, tokens: Any, streamer: Any, skip: int) -> _Decoded:
+    """Write each token of ``tokens`` as a chunk (the first ``skip`` were written by an earlier
+    run); stop at end-of-sequence."""
+    finish_reason, first_at, last_at, produced = "length", 0.0, 0.0, 0
+    for token in tokens:
         last_at = time.time()
         first_at = first_at or last_at
         if token == engine.eos_token_id:
             finish_reason = "stop"
             break
-        text = streamer.push(token)
-        if produced >= skip:
-            out.chunk(text, (token,))
-        else:
-            out.token_ids.append(token)
-            out.text.append(text)
+        out.chunk(streamer.push(token), (token,), write=out.seq >= skip)
         produced += 1
     tail = streamer.flush()
     if tail:
-        out.chunk(tail, ())
-    submitted = _header(task, "fd_submitted") or started
+        out.chunk(tail, (), write=out.seq >= skip)
+    return _Decoded(finish_reason, first_at, last_at, produced)
+
+
+def _decode_steps(engine: Any, cache: Any, token: int, sampling: Any, count: int) -> Any:
+    for _ in range(count):
+        if token == engine.eos_token_id:
+            return
+        token = engine.decode_step(cache, token, sampling)
+        yield token
+
+
+# --------------------------------------------------------------------------- fd.generate
+
+
+def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    run = _Run.open(task, task.request.id)
+    if run.ended_before():
+        return _outcome(run.previous.data)  # type: ignore[union-attr]
+    skip = run.previous.seq + 1 if run.previous is not None else 0
+
+    def work() -> dict[str, Any]:
+        request = _admitted(run, args, kwargs)
+        with redis_errors(run.config):
+            stolen = stolen_from(run.client, run.config, run.request_id) if run.config.scheduler_name == "global" else None
+        from .engine import SamplingParams, TextStreamer
+
+        engine = engine_for(task.app)
+        prompt_ids = _prompt_ids(engine, request)
+        sampling = SamplingParams(request.temperature, seed_for(request, run.request_id))
+        done = _stream_tokens(engine, run.out, engine.generate(prompt_ids, sampling, request.max_tokens),
+                              TextStreamer(engine), skip)
+        submitted = _header(task, "fd_submitted") or run.started
+        result = _result(run, request, engine, prompt_ids, (run.node,), submitted, done.first_at, done,
+                         stolen=stolen is not None)
+        if stolen is not None:
+            result.extra.update(stolen_from=stolen[0], steal_reaction_s=max(0.0, run.started - stolen[1]))
+        return _outcome(run.out.end({"result": result.to_dict()}, END_RETENTION_S))
+
+    return _guarded(run, work)
+
+
+def _result(
+    run: _Run, request: GenerateRequest, engine: Any, prompt_ids: list[int], served_by: tuple[str, ...],
+    submitted: float, first_at: float, done: _Decoded, stolen: bool = False, started: float | None = None,
+) -> GenerationResult:
+    tokens = len(run.out.token_ids)
     return GenerationResult(
-        request_id=str(task.request.id),
-        text="".join(out.text),
-        token_ids=tuple(out.token_ids),
-        finish_reason=finish_reason,
-        served_by=(str(task.request.hostname),),
-        stolen=stolen is not None,
+        request_id=run.request_id,
+        text="".join(run.out.text),
+        token_ids=tuple(run.out.token_ids),
+        finish_reason=done.finish_reason,
+        served_by=served_by,
+        stolen=stolen,
         ttft_s=max(0.0, first_at - submitted),
-        tpot_s=(last_at - first_at) / (produced - 1) if produced > 1 else 0.0,
-        queue_s=max(0.0, started - submitted),
+        tpot_s=(done.last_at - first_at) / (tokens - 1) if tokens > 1 else 0.0,
+        queue_s=max(0.0, (run.started if started is None else started) - submitted),
         prompt_tokens=len(prompt_ids),
         model=engine.model_name,
-        extra=(
-            {"stolen_from": stolen[0], "steal_reaction_s": max(0.0, started - stolen[1])}
-            if stolen is not None
-            else {}
-        ),
+        extra={},
     )
+
+
+# --------------------------------------------------------------------------- fd.prefill
+
+
+def run_prefill(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Prefill here; hand the KV cache to a decode node. Returns the KV reference (JSON)."""
+    run = _Run.open(task, task.request.id)
+    if run.ended_before():
+        return _outcome(run.previous.data)  # type: ignore[union-attr]
+
+    def work() -> dict[str, Any]:
+        request = _admitted(run, args, kwargs)
+        from .engine import SamplingParams, TextStreamer
+
+        engine = engine_for(task.app)
+        prompt_ids = _prompt_ids(engine, request)
+        sampling = SamplingParams(request.temperature, seed_for(request, run.request_id))
+        cache, first = engine.prefill(prompt_ids, sampling)
+        first_at = time.time()
+        if first != engine.eos_token_id:
+            run.out.chunk(TextStreamer(engine).push(first), (first,))
+        return _hand_off(run, request, engine, prompt_ids, cache, first, first_at)
+
+    return _guarded(run, work)
+
+
+def _hand_off(
+    run: _Run, request: GenerateRequest, engine: Any, prompt_ids: list[int], cache: Any, first: int,
+    first_at: float,
+) -> dict[str, Any]:
+    from .routing import DECODE_ROLES
+
+    submitted = _header(run.task, "fd_submitted") or run.started
+    if first == engine.eos_token_id or request.max_tokens == 1:  # nothing left to decode
+        done = _Decoded("stop" if first == engine.eos_token_id else "length", first_at, first_at, 1)
+        result = _result(run, request, engine, prompt_ids, (run.node,), submitted, first_at, done)
+        return _outcome(run.out.end({"result": result.to_dict()}, END_RETENTION_S))
+    with redis_errors(run.config):
+        placed = loadtable.place(run.client, run.config, DECODE_ROLES)
+    if placed is None:
+        raise NoNodeAvailable(
+            f"no live decode node in topic {run.config.scheduler_topic!r} when prefill of "
+            f"request {run.request_id} ended"
+        )
+    decode_node = placed[0]
+    kind = _store_for(run, decode_node)
+    with redis_errors(run.config):
+        ref = kvstore.put(
+            cache, kind=kind, topic=run.config.scheduler_topic, request_id=run.request_id, owner=run.node,
+            host=socket.gethostname(), ttl_s=run.config.ttl_s, first_token=first,
+            prompt_tokens=len(prompt_ids), client=run.client,
+        )
+    try:
+        # The reference travels through the result backend: stored before decode is sent.
+        run.task.backend.store_result(run.task.request.id, ref.to_dict(), states.SUCCESS, request=run.task.request)
+        decode = DecodeRequest(run.request_id, str(run.task.request.id), decode_node, request, submitted,
+                               run.started, first_at)
+        run.task.app.send_task("fd.decode", kwargs=decode.to_kwargs(), task_id=str(uuid.uuid4()))
+    except Exception:
+        kvstore.discard(ref, run.client)
+        raise
+    logger.info("request %s: prefill done, KV (%d bytes, %s) handed to %s",
+                run.request_id, ref.nbytes, ref.kind, decode_node)
+    return ref.to_dict()
+
+
+def _store_for(run: _Run, decode_node: str) -> str:
+    """Shared memory when the decode node is on this host, Redis otherwise (or as configured)."""
+    import json
+    import os
+
+    forced = os.environ.get("FD_KV_STORE", "auto")
+    if forced in kvstore.STORES:
+        return forced
+    with redis_errors(run.config):
+        raw = run.client.hget(f"fd:{run.config.scheduler_topic}:node:{decode_node}", "host")
+    same_host = raw is not None and json.loads(raw) == socket.gethostname()
+    return "shm" if same_host and os.path.isdir(kvstore.SHM_DIR) else "redis"
+
+
+# --------------------------------------------------------------------------- fd.decode
+
+
+def run_decode(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    if args:
+        raise InvalidRequest(f"fd.decode takes keyword arguments only, got {len(args)} positional")
+    decode = parse_decode_kwargs(kwargs)
+    run = _Run.open(task, decode.request_id)
+    if run.ended_before():
+        return _outcome(run.previous.data)  # type: ignore[union-attr]
+    skip = run.previous.seq + 1 if run.previous is not None else 1
+
+    def work() -> dict[str, Any]:
+        from .engine import SamplingParams, TextStreamer
+
+        engine = engine_for(task.app)
+        request = decode.request
+        ref = _resolve(run, decode)
+        prompt_ids = _prompt_ids(engine, request)
+        sampling = SamplingParams(request.temperature, seed_for(request, run.request_id))
+        cache = _load_cache(run, ref, engine, prompt_ids, sampling)
+        run.out.chunk(TextStreamer(engine).push(ref.first_token), (ref.first_token,), write=False)
+        streamer = TextStreamer(engine, emitted_ids=[ref.first_token])
+        done = _stream_tokens(
+            engine, run.out, _decode_steps(engine, cache, ref.first_token, sampling, request.max_tokens - 1),
+            streamer, skip,
+        )
+        if done.produced == 0:
+            done.last_at = decode.first_token_at
+        result = _result(run, request, engine, prompt_ids, (ref.owner, run.node), decode.submitted,
+                         decode.first_token_at, done, started=decode.started)
+        return _outcome(run.out.end({"result": result.to_dict()}, END_RETENTION_S))
+
+    return _guarded(run, work)
+
+
+def _resolve(run: _Run, decode: DecodeRequest) -> kvstore.KVRef:
+    """The KV reference, read from the result backend where the prefill task put it."""
+    meta = run.task.backend.get_task_meta(decode.prefill_id)
+    if meta.get("status") != states.SUCCESS:
+        raise KVRefError(f"no KV reference for request {decode.request_id} in the result backend")
+    ref = kvstore.KVRef.from_dict(meta.get("result"))
+    if ref.request_id != decode.request_id:
+        raise KVRefError(f"KV reference belongs to request {ref.request_id}, not {decode.request_id}")
+    return ref
+
+
+def _load_cache(run: _Run, ref: kvstore.KVRef, engine: Any, prompt_ids: list[int], sampling: Any) -> Any:
+    """The blob; if an earlier decode run already took it (and died), prefill again here: the
+    engine is exact, so the cache is the same."""
+    device = get_node_settings(run.task.app).device
+    try:
+        with redis_errors(run.config):
+            cache = kvstore.take(ref, device, run.client)
+    except KVRefError as exc:
+        if "missing" not in str(exc):
+            raise
+        logger.warning("request %s: %s; computing the prefill again here", run.request_id, exc)
+        cache, _ = engine.prefill(prompt_ids, sampling)
+    if cache.num_tokens != len(prompt_ids):
+        raise KVRefError(f"KV cache of {cache.num_tokens} tokens does not match the prompt of {len(prompt_ids)}")
+    return cache

@@ -55,33 +55,36 @@ redis.call('HSET', KEYS[3], 'running', ARGV[2])
 return {tostring(score), waiting}
 """
 
-# KEYS[1] = nodes zset, KEYS[2..] = every load shard of the role
+# KEYS[1] = nodes zset, KEYS[2..] = every load shard of the roles considered
 # ARGV[1] = now (ms), ARGV[2] = expire period (ms), ARGV[3] = a random integer (Lua's own
-# math.random is seeded identically on every call), ARGV[4] = node hash prefix "fd:T:node:"
-# Picks a live node of the lowest score (ties at random), charges it one request; returns it.
+# math.random is seeded identically on every call), ARGV[4] = node hash prefix "fd:T:node:",
+# ARGV[5] = blur: nodes within this much of the lowest score are equally good
+# Picks at random among the live nodes with the lowest scores, charges it one request; returns
+# {node, its shard key}.
 _PLACE = """
-local best, best_shards, best_score = {}, {}, nil
 local oldest = tonumber(ARGV[1]) - tonumber(ARGV[2])
+local blur = tonumber(ARGV[5])
+local live, best_score = {}, nil
 for i = 2, #KEYS do
   local rows = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
   for j = 1, #rows, 2 do
     local node, score = rows[j], tonumber(rows[j + 1])
     local beat = redis.call('ZSCORE', KEYS[1], node)
     if beat and tonumber(beat) >= oldest then
-      if best_score == nil or score < best_score - 1e-9 then
-        best, best_shards, best_score = {node}, {KEYS[i]}, score
-      elseif math.abs(score - best_score) <= 1e-9 then
-        table.insert(best, node)
-        table.insert(best_shards, KEYS[i])
-      end
+      live[#live + 1] = {node, score, KEYS[i]}
+      if best_score == nil or score < best_score then best_score = score end
     end
   end
 end
 if best_score == nil then return false end
-local k = (tonumber(ARGV[3]) % #best) + 1
-local slots = tonumber(redis.call('HGET', ARGV[4] .. best[k], 'slots') or '1') or 1
-redis.call('ZINCRBY', best_shards[k], 1 / math.max(slots, 1), best[k])
-return best[k]
+local band = {}
+for _, c in ipairs(live) do
+  if c[2] <= best_score + blur + 1e-9 then band[#band + 1] = c end
+end
+local pick = band[(tonumber(ARGV[3]) % #band) + 1]
+local slots = tonumber(redis.call('HGET', ARGV[4] .. pick[1], 'slots') or '1') or 1
+redis.call('ZINCRBY', pick[3], 1 / math.max(slots, 1), pick[1])
+return {pick[1], pick[3]}
 """
 
 _scripts: dict[tuple[int, str], redis.commands.core.Script] = {}
@@ -109,20 +112,27 @@ def publish(
     return float(reply[0]), int(reply[1])
 
 
-def place(client: redis.Redis, config: SchedulerConfig, role: str) -> str | None:
-    """The live node of ``role`` with the lowest load (ties at random), charged one request;
-    None when no node of that role is live."""
+def place(
+    client: redis.Redis, config: SchedulerConfig, roles: Sequence[str], blur: float = 0.0
+) -> tuple[str, str] | None:
+    """A live node of one of ``roles`` with the lowest load (at random among those within
+    ``blur`` of it), charged one request: ``(node, role)``; None when none is live."""
     topic = config.scheduler_topic
-    node = _script(client, _PLACE)(
-        keys=[keys.nodes_zset(topic), *shard_keys(config, role)],
+    shards = [key for role in roles for key in shard_keys(config, role)]
+    reply = _script(client, _PLACE)(
+        keys=[keys.nodes_zset(topic), *shards],
         args=[
             int(time.time() * 1000),
             int(config.scheduler_expire_period),
             random.getrandbits(31),
             keys.node_hash(topic, ""),
+            blur,
         ],
     )
-    return node.decode() if node else None
+    if not reply:
+        return None
+    node, shard = (part.decode() for part in reply)
+    return node, shard.split(":")[-2]
 
 
 def scores(client: redis.Redis, config: SchedulerConfig, role: str) -> dict[str, float]:

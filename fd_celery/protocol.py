@@ -19,6 +19,8 @@ __all__ = [
     "GenerationResult",
     "OutputChunk",
     "parse_request",
+    "DecodeRequest",
+    "parse_decode_kwargs",
     "MAX_TOKENS_LIMIT",
     "MAX_PROMPT_CHARS",
     "MAX_PROMPT_TOKENS",
@@ -117,6 +119,53 @@ def parse_request(kwargs: Mapping[str, Any]) -> GenerateRequest:
         temperature=_temperature(kwargs.get("temperature", 0.0)),
         seed=_int("seed", seed, 0, MAX_SEED) if seed is not None else None,
         node=_node(node) if node is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """The kwargs of ``fd.decode``: which request, where its KV reference is, where to run."""
+
+    request_id: str
+    prefill_id: str  # the fd.prefill task whose result (in the backend) is the KV reference
+    node: str  # the decode node the prefill node chose
+    request: GenerateRequest
+    submitted: float
+    started: float  # when prefill started
+    first_token_at: float
+
+    def to_kwargs(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "prefill_id": self.prefill_id,
+            "node": self.node,
+            "request": self.request.to_kwargs(),
+            "submitted": self.submitted,
+            "started": self.started,
+            "first_token_at": self.first_token_at,
+        }
+
+
+def parse_decode_kwargs(kwargs: Mapping[str, Any]) -> DecodeRequest:
+    from .keys import check_request_id
+
+    if not isinstance(kwargs, Mapping):
+        raise InvalidRequest(f"fd.decode takes a mapping of fields, got {type(kwargs).__name__}")
+    expected = {"request_id", "prefill_id", "node", "request", "submitted", "started", "first_token_at"}
+    if set(kwargs) != expected:
+        raise InvalidRequest(f"fd.decode takes exactly the fields {sorted(expected)}")
+    for name in ("submitted", "started", "first_token_at"):
+        value = kwargs[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidRequest(f"fd.decode field {name} must be a number")
+    return DecodeRequest(
+        request_id=check_request_id(kwargs["request_id"]),
+        prefill_id=check_request_id(kwargs["prefill_id"]),
+        node=_node(kwargs["node"]),
+        request=parse_request(kwargs["request"]),
+        submitted=float(kwargs["submitted"]),
+        started=float(kwargs["started"]),
+        first_token_at=float(kwargs["first_token_at"]),
     )
 
 

@@ -1,17 +1,32 @@
 """The router: every ``fd.*`` message is checked, admitted and given its queue here.
 
 Celery calls :func:`route_task` (installed in ``task_routes``) for ``Client.submit``,
-``Task.apply_async`` and ``app.send_task`` alike, in the caller's process, just before publishing;
+``Task.apply_async`` and ``app.send_task`` alike, in the sending process, just before publishing;
 so plain Celery users get the same checks, TTL and placement as the client. What the worker needs
 to know about the submission travels in message headers:
 
 - ``fd_submitted``: epoch seconds at submit (for queue time and TTFT);
 - ``fd_deadline``: epoch seconds after which the request must not start (``scheduler_ttl``);
 - ``fd_ticket``: the local scheduler's admission ticket, released when the request starts.
+
+Where a request goes:
+
+================  ==========================================================================
+``node=`` given   that node's own queue (``NoNodeAvailable`` if it is not live)
+local             the topic's shared queue of mixed nodes
+global            the own queue of the least loaded live mixed node
+splitwise         ``fd.prefill``: a prefill-capable node (prefill or mixed) chosen by load with
+                  a blur band; ``fd.generate``: a mixed node; ``fd.decode`` is sent by the
+                  prefill node to the decode node it chose when prefill ended
+================  ==========================================================================
+
+With no node live, a request waits in its role's shared queue, which every node of the role
+consumes: the first to come up takes it, within the TTL.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -20,13 +35,19 @@ from celery import Celery, current_app
 
 from . import admission, keys, loadtable, registry
 from .app import get_config
+from .config import SchedulerConfig
 from .connection import redis_errors, redis_for
 from .errors import NoNodeAvailable
-from .protocol import GenerateRequest, parse_request
+from .protocol import GenerateRequest, parse_decode_kwargs, parse_request
 
-__all__ = ["route_task", "FD_TASK_NAMES"]
+__all__ = ["route_task", "FD_TASK_NAMES", "PREFILL_ROLES", "DECODE_ROLES", "PREFILL_BLUR"]
 
-FD_TASK_NAMES = frozenset({"fd.generate"})
+FD_TASK_NAMES = frozenset({"fd.generate", "fd.prefill", "fd.decode"})
+PREFILL_ROLES = ("prefill", "mixed")
+DECODE_ROLES = ("decode", "mixed")
+# Splitwise prefill placement: nodes within this load score of the least loaded are equally
+# good, so loads a sync period old do not send a burst to one node (FastDeploy's "blur").
+PREFILL_BLUR = 0.5
 
 
 def route_task(
@@ -41,10 +62,13 @@ def route_task(
         return None
     app: Celery = task.app if task is not None else current_app
     config = get_config(app)
+    if name == "fd.decode":  # a continuation: already admitted, bounded by its KV reference
+        decode = parse_decode_kwargs(kwargs if kwargs is not None else {})
+        return {"queue": _node_queue(config, decode.node), "kwargsrepr": f"{{request_id={decode.request_id!r}}}"}
     request = parse_request(kwargs if kwargs is not None else {})
     now = time.time()
     headers: dict[str, Any] = {"fd_submitted": now, "fd_deadline": now + config.ttl_s}
-    queue = _queue_for(app, request)
+    queue = _queue_for(config, name, request)
     if config.scheduler_name == "local" and config.scheduler_max_size > 0:
         headers["fd_ticket"] = admission.admit(config, headers["fd_deadline"])
     # Celery lets explicit options win over a route: merge into headers the caller passed.
@@ -53,24 +77,44 @@ def route_task(
     return {"queue": queue, "headers": headers, "kwargsrepr": _redacted(request)}
 
 
-def _queue_for(app: Celery, request: GenerateRequest) -> str:
-    """``node=``: that node's own queue. Local: the topic's shared queue, which every node
-    consumes. Global: the own queue of the least loaded live node; with no node live, the shared
-    queue, which the first node to come up drains (the request waits within its TTL)."""
-    config = get_config(app)
-    topic = config.scheduler_topic
+def _queue_for(config: SchedulerConfig, name: str, request: GenerateRequest) -> str:
     if request.node is not None:
-        with redis_errors(config):
-            live = registry.is_live(redis_for(config), config, request.node)
-        if not live:
-            raise NoNodeAvailable(f"node {request.node!r} is not live in topic {topic!r}")
-        return keys.node_queue(topic, "mixed", request.node)
-    if config.scheduler_name == "global":
-        with redis_errors(config):
-            node = loadtable.place(redis_for(config), config, "mixed")
-        if node is not None:
-            return keys.node_queue(topic, "mixed", node)
-    return keys.role_queue(topic, "mixed")
+        return _node_queue(config, request.node)
+    topic = config.scheduler_topic
+    if config.scheduler_name == "local":
+        return keys.role_queue(topic, "mixed")
+    roles, blur = ("mixed",), 0.0
+    if config.scheduler_name == "splitwise" and name == "fd.prefill":
+        roles, blur = PREFILL_ROLES, PREFILL_BLUR
+        _require_live(config, DECODE_ROLES, "decode")
+    with redis_errors(config):
+        placed = loadtable.place(redis_for(config), config, roles, blur)
+    if placed is None:
+        return keys.role_queue(topic, roles[0])
+    node, role = placed
+    return keys.node_queue(topic, role, node)
+
+
+def _require_live(config: SchedulerConfig, roles: tuple[str, ...], what: str) -> None:
+    """Fail at submit, not after prefill, when no node could ever finish the request."""
+    with redis_errors(config):
+        nodes = registry.live_nodes(redis_for(config), config)
+    if not any(node.role in roles for node in nodes):
+        raise NoNodeAvailable(
+            f"no live {what} node ({' or '.join(roles)}) in topic {config.scheduler_topic!r}"
+        )
+
+
+def _node_queue(config: SchedulerConfig, node: str) -> str:
+    """The own queue of a live node, whatever its role."""
+    topic = config.scheduler_topic
+    client = redis_for(config)
+    with redis_errors(config):
+        live = registry.is_live(client, config, node)
+        role = client.hget(keys.node_hash(topic, node), "role") if live else None
+    if not live or role is None:
+        raise NoNodeAvailable(f"node {node!r} is not live in topic {topic!r}")
+    return keys.node_queue(topic, json.loads(role), node)
 
 
 def _redacted(request: GenerateRequest) -> str:

@@ -1,6 +1,7 @@
 """The fd_celery tasks. Each is a thin entry point; the work happens in :mod:`fd_celery.execution`.
 
-``fd.generate``: one node runs prefill and decode. Every task takes keyword arguments only (the
+``fd.generate``: one node runs prefill and decode. ``fd.prefill`` and ``fd.decode``: the two
+halves of a splitwise request, on different nodes. Every task takes keyword arguments only (the
 request fields of :mod:`fd_celery.protocol`) and returns a JSON-safe result dict.
 """
 
@@ -12,9 +13,9 @@ from celery import Task, shared_task
 
 from .errors import InvalidRequest, KVRefError, NoNodeAvailable, QueueFull, RequestExpired
 
-__all__ = ["generate", "TASK_NAMES"]
+__all__ = ["generate", "prefill", "decode", "TASK_NAMES"]
 
-TASK_NAMES = ("fd.generate",)
+TASK_NAMES = ("fd.generate", "fd.prefill", "fd.decode")
 
 _OPTIONS: dict[str, Any] = {
     "bind": True,
@@ -34,3 +35,20 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     from .execution import run_generate
 
     return run_generate(self, args, kwargs)
+
+
+@shared_task(name="fd.prefill", **_OPTIONS)
+def prefill(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Splitwise, first half: build the KV cache here and hand it to a decode node. The result
+    (in the backend) is the KV reference, never tensor data."""
+    from .execution import run_prefill
+
+    return run_prefill(self, args, kwargs)
+
+
+@shared_task(name="fd.decode", **_OPTIONS)
+def decode(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Splitwise, second half: resolve the KV reference and generate the rest here."""
+    from .execution import run_decode
+
+    return run_decode(self, args, kwargs)
