@@ -25,14 +25,15 @@ import struct
 import time
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-import torch
 
-from .engine.base import KVCache
 from .errors import KVRefError
 from .keys import check_request_id
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: workers only, never clients
+    from .engine.base import KVCache
 
 __all__ = ["KVRef", "put", "take", "discard", "sweep_shm", "SHM_DIR", "STORES", "MAX_KV_BYTES"]
 
@@ -41,7 +42,7 @@ SHM_DIR = "/dev/shm"
 SHM_PREFIX = "fdkv-"
 STORES = ("shm", "redis")
 MAX_KV_BYTES = int(os.environ.get("FD_MAX_KV_BYTES", str(8 << 30)))  # a reference above this is refused
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # dtypes a blob may hold
 _NAME_RE = re.compile(r"fdkv-[A-Za-z0-9_.-]{1,64}-[A-Za-z0-9_.:\-]{1,128}-[0-9a-f]{32}")
 _HEADER_FIELDS = ("request_id", "token", "dtype", "shapes", "nbytes", "checksum")
 
@@ -88,15 +89,15 @@ class KVRef:
             raise KVRefError(f"KV reference version {self.version!r} is not supported")
         if self.kind not in STORES:
             raise KVRefError(f"KV reference of unknown kind {self.kind!r}; known: {', '.join(STORES)}")
-        if self.dtype not in _DTYPES:
-            raise KVRefError(f"KV reference dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.dtype not in _ITEMSIZE:
+            raise KVRefError(f"KV reference dtype {self.dtype!r} is not one of {', '.join(_ITEMSIZE)}")
         try:
             check_request_id(self.request_id)
         except Exception:
             raise KVRefError(f"KV reference has an invalid request id {self.request_id!r}") from None
         if not isinstance(self.nbytes, int) or not 0 <= self.nbytes <= MAX_KV_BYTES:
             raise KVRefError(f"KV reference of {self.nbytes!r} bytes is over the limit of {MAX_KV_BYTES}")
-        itemsize = _DTYPES[self.dtype].itemsize
+        itemsize = _ITEMSIZE[self.dtype]
         if sum(_numel(s) for s in self.shapes) * itemsize != self.nbytes:
             raise KVRefError("KV reference shapes do not add up to its byte size")
         if (now or time.time()) > float(self.expires_at):
@@ -133,9 +134,11 @@ def put(
     first_token: int, prompt_tokens: int, client: redis.Redis | None = None,
 ) -> KVRef:
     """Write ``cache`` to the store ``kind``; return its reference."""
+    import torch
+
     tensors = [t.detach().contiguous() for t in cache.tensors()]
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _ITEMSIZE:
         raise KVRefError(f"cannot store a KV cache of dtypes {sorted(dtypes)}")
     raw = [t.cpu().view(torch.uint8).numpy() for t in tensors]
     checksum = 0
@@ -212,6 +215,10 @@ def _take_shm(name: str) -> Any:
 
 
 def _decode_blob(ref: KVRef, buffer: Any, device: str) -> KVCache:
+    import torch
+
+    from .engine.base import KVCache
+
     view = memoryview(buffer)
     if bytes(view[: len(MAGIC)]) != MAGIC or len(view) < len(MAGIC) + 4:
         raise KVRefError(f"KV blob of request {ref.request_id} is not an fd_celery blob")
@@ -227,10 +234,10 @@ def _decode_blob(ref: KVRef, buffer: Any, device: str) -> KVCache:
     data = view[start + length :]
     if len(data) != ref.nbytes or f"{zlib.crc32(data):08x}" != ref.checksum:
         raise KVRefError(f"KV blob of request {ref.request_id} fails its checksum")
-    dtype = _DTYPES[ref.dtype]
+    dtype = getattr(torch, ref.dtype)
     tensors, offset = [], 0
     for shape in ref.shapes:
-        n = _numel(shape) * dtype.itemsize
+        n = _numel(shape) * _ITEMSIZE[ref.dtype]
         t = torch.frombuffer(data[offset : offset + n], dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
         tensors.append(t.view(dtype).reshape(shape).to(device))
         offset += n

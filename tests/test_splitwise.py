@@ -1,0 +1,195 @@
+"""Splitwise with real prefill and decode workers: exact tokens across the hand-off, references
+in the result backend, blobs released, bad references refused, and nothing lost when a decode
+node dies or goes silent.
+
+Cluster (topic ``sw``): ``p1`` (prefill, KV store chosen automatically: shared memory here),
+``p2`` (prefill, KV store forced to Redis), ``d1`` and ``d2`` (decode).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery, states
+
+import fd_celery
+from fd_celery import keys, kvstore
+from fd_celery.engine import SamplingParams
+from fd_celery.errors import KVRefError, NoNodeAvailable
+from fd_celery.local_cluster import LocalCluster, RedisServer
+
+from .conftest import reference_tokens
+
+pytestmark = pytest.mark.slow
+
+TOPIC = "sw"
+VISIBILITY_S = 8
+
+
+@pytest.fixture(scope="module")
+def sw(redis_server: RedisServer) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(redis_server, env={
+        "FD_SCHEDULER_TOPIC": TOPIC, "FD_SCHEDULER_NAME": "splitwise",
+        "FD_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
+    })
+    try:
+        workers = [
+            cluster.add_worker("p1", env={"FD_ROLE": "prefill"}),
+            cluster.add_worker("p2", env={"FD_ROLE": "prefill", "FD_KV_STORE": "redis"}),
+            cluster.add_worker("d1", env={"FD_ROLE": "decode"}),
+            cluster.add_worker("d2", env={"FD_ROLE": "decode"}),
+        ]
+        cluster.wait_live([w.node for w in workers], topic=TOPIC)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def _worker(cluster: LocalCluster, name: str):
+    return next(w for w in cluster.workers if w.name == name)
+
+
+@pytest.fixture(scope="module")
+def sw_app(redis_server: RedisServer, sw: LocalCluster) -> Celery:
+    app = Celery("client-sw", set_as_current=False)
+    fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=TOPIC, scheduler_name="splitwise")
+    return app
+
+
+@pytest.fixture
+def sw_client(sw_app: Celery) -> fd_celery.Client:
+    return fd_celery.Client(sw_app)
+
+
+CASES = [("Split me", 0.0, 0), ("héllo wörld", 0.9, 3), ("The cache moves", 1.3, 77), ("x", 0.5, 5)]
+
+
+@pytest.mark.parametrize("prefill", ["p1", "p2"])
+@pytest.mark.parametrize("prompt,temperature,seed", CASES)
+def test_split_run_equals_one_node(sw, sw_client, engine, prefill, prompt, temperature, seed):
+    handle = sw_client.submit(prompt, max_tokens=24, temperature=temperature, seed=seed,
+                              node=_worker(sw, prefill).node)
+    chunks = list(handle.stream(timeout=60))
+    result = handle.result(timeout=10)
+
+    assert list(result.token_ids) == reference_tokens(engine, prompt, 24, temperature, seed)
+    assert "".join(c.text for c in chunks) == result.text
+    assert result.served_by[0] == _worker(sw, prefill).node
+    assert result.served_by[1] in {_worker(sw, "d1").node, _worker(sw, "d2").node}
+    ref = handle.async_result.get(timeout=10)  # the prefill task's result: a KV reference
+    assert ref["kind"] == ("redis" if prefill == "p2" else "shm")
+    assert ref["request_id"] == handle.request_id and ref["num_tokens"] == result.prompt_tokens
+    assert ref["nbytes"] > 0 and len(str(ref)) < 4096, "the reference must not carry tensor data"
+
+
+def test_prefill_placement_uses_both_prefill_nodes(sw, sw_client):
+    results = [h.result(timeout=60) for h in [sw_client.submit("place", max_tokens=3, seed=i) for i in range(12)]]
+    assert {r.served_by[0] for r in results} == {_worker(sw, "p1").node, _worker(sw, "p2").node}
+
+
+def _fake_prefill(sw_app: Celery, engine, request_id: str, kind: str, **tamper) -> dict:
+    """A real blob and a real reference, as a prefill node writes them; then edited."""
+    ids = engine.encode("tamper")
+    cache, first = engine.prefill(ids, SamplingParams(0.0, 1))
+    ref = kvstore.put(cache, kind=kind, topic=TOPIC, request_id=request_id, owner="p1@test", host="test",
+                      ttl_s=60, first_token=first, prompt_tokens=len(ids),
+                      client=fd_celery.get_config(sw_app) and _redis(sw_app))
+    return {**ref.to_dict(), **tamper}, ref
+
+
+def _redis(app: Celery):
+    from fd_celery.connection import redis_for
+
+    return redis_for(fd_celery.get_config(app))
+
+
+TAMPERED = {
+    "shapes changed": {"shapes": [[2, 3, 32]] * 8},
+    "checksum changed": {"checksum": "00000000"},
+    "path traversal": {"location": "../../etc/passwd"},
+    "unknown kind": {"kind": "nfs"},
+    "too large": {"nbytes": 1 << 60},
+    "expired": {"expires_at": 1.0},
+    "token changed": {"token": "0" * 32},
+}
+
+
+@pytest.mark.parametrize("kind", ["shm", "redis"])
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_bad_reference_gives_kv_ref_error_and_decode_keeps_serving(sw, sw_app, sw_client, engine, kind, case):
+    request_id = f"tamper-{uuid.uuid4().hex[:10]}"
+    data, real = _fake_prefill(sw_app, engine, request_id, kind, **TAMPERED[case])
+    prefill_id = f"{request_id}-p"
+    sw_app.backend.store_result(prefill_id, data, states.SUCCESS)
+    d1 = _worker(sw, "d1").node
+    sw_app.send_task("fd.decode", task_id=f"{request_id}-d", kwargs={
+        "request_id": request_id, "prefill_id": prefill_id, "node": d1,
+        "request": {"prompt": "tamper", "max_tokens": 5, "temperature": 0.0, "seed": 1,
+                    "token_ids": None, "node": None},
+        "submitted": time.time(), "started": time.time(), "first_token_at": time.time(),
+    })
+    with pytest.raises(KVRefError):
+        sw_app.AsyncResult(f"{request_id}-d").get(timeout=60)
+    kvstore.discard(real, _redis(sw_app))
+    after = sw_client.submit("still serving", max_tokens=4).result(timeout=60)
+    assert after.token_ids
+
+
+def test_no_decode_node_is_an_error_at_submit(redis_server):
+    topic = f"sw-nodecode-{uuid.uuid4().hex[:6]}"
+    with LocalCluster(redis_server, env={"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "splitwise"}) as lonely:
+        worker = lonely.add_worker("lp", env={"FD_ROLE": "prefill"})
+        lonely.wait_live([worker.node], topic=topic)
+        app = Celery("client-lonely", set_as_current=False)
+        fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=topic, scheduler_name="splitwise")
+        with pytest.raises(NoNodeAvailable, match="decode"):
+            fd_celery.Client(app).submit("nobody decodes", max_tokens=4)
+
+
+def test_a_silent_decode_node_is_no_longer_chosen(sw, sw_client):
+    d1, d2 = _worker(sw, "d1"), _worker(sw, "d2")
+    d2.signal(signal.SIGSTOP)
+    try:
+        time.sleep(3.5)  # scheduler_expire_period: 3000 ms
+        results = [h.result(timeout=60) for h in [sw_client.submit("quiet", max_tokens=3, seed=i) for i in range(8)]]
+        assert {r.served_by[1] for r in results} == {d1.node}
+    finally:
+        d2.signal(signal.SIGCONT)
+    time.sleep(0.5)
+
+
+def test_no_blob_is_left_after_200_requests(sw, sw_client, redis_server):
+    handles = [sw_client.submit("leak check", max_tokens=3, seed=i) for i in range(200)]
+    results = [h.result(timeout=120) for h in handles]
+    assert len({r.request_id for r in results}) == 200
+    leftover_shm = [n for n in os.listdir(kvstore.SHM_DIR) if n.startswith(f"{kvstore.SHM_PREFIX}{TOPIC}-")]
+    leftover_redis = redis_server.client().keys(f"fd:{TOPIC}:kv:*")
+    assert leftover_shm == [] and leftover_redis == []
+
+
+def test_decode_node_killed_mid_request_still_completes(sw, sw_client, engine, redis_server):
+    d1, d2 = _worker(sw, "d1"), _worker(sw, "d2")
+    handles = [sw_client.submit("survive", max_tokens=900, seed=i) for i in range(2)]
+    deadline = time.monotonic() + 60
+    victim_handle = None
+    while victim_handle is None and time.monotonic() < deadline:
+        for handle in handles:  # a decode is running on d1 once d1's stream chunks go past seq 1
+            entries = redis_server.client().xlen(keys.output_stream(TOPIC, handle.request_id))
+            meta = sw_client.app.backend.get_task_meta(handle.request_id)
+            if entries > 3 and meta.get("status") == states.SUCCESS:
+                victim_handle = handle
+                break
+        time.sleep(0.01)
+    assert victim_handle is not None
+    d1.signal(signal.SIGKILL)
+
+    for i, handle in enumerate(handles):
+        result = handle.result(timeout=120)
+        assert list(result.token_ids) == reference_tokens(engine, "survive", 900, 0.0, i)
+        assert result.served_by[1] in {d1.node, d2.node}
+    assert not d1.alive()
