@@ -92,13 +92,12 @@ def test_prefill_placement_uses_both_prefill_nodes(sw, sw_client):
     assert {r.served_by[0] for r in results} == {_worker(sw, "p1").node, _worker(sw, "p2").node}
 
 
-def _fake_prefill(sw_app: Celery, engine, request_id: str, kind: str, **tamper) -> dict:
+def _fake_prefill(sw_app: Celery, engine, request_id: str, store: str, **tamper) -> tuple[dict, kvstore.KVRef]:
     """A real blob and a real reference, as a prefill node writes them; then edited."""
     ids = engine.encode("tamper")
     cache, first = engine.prefill(ids, SamplingParams(0.0, 1))
-    ref = kvstore.put(cache, kind=kind, topic=TOPIC, request_id=request_id, owner="p1@test", host="test",
-                      ttl_s=60, first_token=first, prompt_tokens=len(ids),
-                      client=fd_celery.get_config(sw_app) and _redis(sw_app))
+    ref = kvstore.put(cache, kind=store, topic=TOPIC, request_id=request_id, owner="p1@test", host="test",
+                      ttl_s=60, first_token=first, prompt_tokens=len(ids), client=_redis(sw_app))
     return {**ref.to_dict(), **tamper}, ref
 
 
@@ -119,11 +118,11 @@ TAMPERED = {
 }
 
 
-@pytest.mark.parametrize("kind", ["shm", "redis"])
+@pytest.mark.parametrize("store", ["shm", "redis"])
 @pytest.mark.parametrize("case", list(TAMPERED))
-def test_bad_reference_gives_kv_ref_error_and_decode_keeps_serving(sw, sw_app, sw_client, engine, kind, case):
+def test_bad_reference_gives_kv_ref_error_and_decode_keeps_serving(sw, sw_app, sw_client, engine, store, case):
     request_id = f"tamper-{uuid.uuid4().hex[:10]}"
-    data, real = _fake_prefill(sw_app, engine, request_id, kind, **TAMPERED[case])
+    data, real = _fake_prefill(sw_app, engine, request_id, store, **TAMPERED[case])
     prefill_id = f"{request_id}-p"
     sw_app.backend.store_result(prefill_id, data, states.SUCCESS)
     d1 = _worker(sw, "d1").node
