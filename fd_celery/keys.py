@@ -11,6 +11,8 @@ Layout (``T`` = ``scheduler_topic``; nodes of different topics share nothing)::
     fd:T:load:<role>:<i>    zset    load table: node -> load score (shard i = crc32(node) % N)
     fd:T:steals             hash    "<node>:made" / "<node>:suffered" -> steal counters
     fd:T:stolen:<req id>    string  the node a request was stolen from (expires with the TTL)
+    fd:T:kv:<blob name>     string  a KV blob in the Redis store (expires with the TTL)
+    fd:T:kvheld             hash    blob location -> "owner|bytes|expires": KV bytes nodes hold
 
 Celery queues (kombu keeps each as a Redis list of the same name)::
 

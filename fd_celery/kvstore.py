@@ -35,7 +35,7 @@ from .keys import check_request_id
 if TYPE_CHECKING:  # torch is imported where tensors are made: workers only, never clients
     from .engine.base import KVCache
 
-__all__ = ["KVRef", "put", "take", "discard", "sweep_shm", "SHM_DIR", "STORES", "MAX_KV_BYTES"]
+__all__ = ["KVRef", "put", "take", "discard", "sweep_shm", "bytes_held", "SHM_DIR", "STORES", "MAX_KV_BYTES"]
 
 MAGIC = b"FDKV1\n"
 SHM_DIR = "/dev/shm"
@@ -43,8 +43,9 @@ SHM_PREFIX = "fdkv-"
 STORES = ("shm", "redis")
 MAX_KV_BYTES = int(os.environ.get("FD_MAX_KV_BYTES", str(8 << 30)))  # a reference above this is refused
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # dtypes a blob may hold
-_NAME_RE = re.compile(r"fdkv-[A-Za-z0-9_.-]{1,64}-[A-Za-z0-9_.:\-]{1,128}-[0-9a-f]{32}")
-_HEADER_FIELDS = ("request_id", "token", "dtype", "shapes", "nbytes", "checksum")
+_TOPIC_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_TOKEN_RE = re.compile(r"[0-9a-f]{32}")
+_HEADER_FIELDS = ("topic", "request_id", "token", "dtype", "shapes", "nbytes", "checksum")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class KVRef:
 
     kind: str  # "shm" or "redis"
     location: str  # shm file name, or Redis key
+    topic: str
     request_id: str
     token: str  # random; the blob carries it too
     dtype: str
@@ -102,7 +104,7 @@ class KVRef:
             raise KVRefError("KV reference shapes do not add up to its byte size")
         if (now or time.time()) > float(self.expires_at):
             raise KVRefError(f"KV reference of request {self.request_id} expired")
-        if not isinstance(self.location, str) or self.location != _location(self.kind, self.location):
+        if not isinstance(self.location, str) or self.location != _location(self):
             raise KVRefError(f"KV reference location {self.location!r} is outside the {self.kind} store")
 
 
@@ -115,12 +117,18 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _location(kind: str, location: str) -> str:
-    """The location if it is a well-formed name of ``kind``'s namespace, else ''."""
-    if kind == "shm":
-        return location if _NAME_RE.fullmatch(location) else ""
-    prefix, _, name = location.partition(":kv:")
-    return location if prefix.startswith("fd:") and _NAME_RE.fullmatch(name) else ""
+def _blob_name(topic: str, request_id: str, token: str) -> str:
+    return f"{SHM_PREFIX}{topic}-{request_id}-{token}"
+
+
+def _location(ref: KVRef) -> str:
+    """Where the blob of ``ref`` must be: built from its checked parts, never taken on trust."""
+    if not isinstance(ref.topic, str) or not _TOPIC_RE.fullmatch(ref.topic):
+        raise KVRefError(f"KV reference has an invalid topic {ref.topic!r}")
+    if not isinstance(ref.token, str) or not _TOKEN_RE.fullmatch(ref.token):
+        raise KVRefError("KV reference has an invalid token")
+    name = _blob_name(ref.topic, ref.request_id, ref.token)
+    return name if ref.kind == "shm" else f"fd:{ref.topic}:kv:{name}"
 
 
 def _header(ref: KVRef) -> bytes:
@@ -145,9 +153,10 @@ def put(
     for part in raw:
         checksum = zlib.crc32(part, checksum)
     token = secrets.token_hex(16)
-    name = f"{SHM_PREFIX}{topic}-{request_id}-{token}"
+    name = _blob_name(topic, request_id, token)
     ref = KVRef(
-        kind=kind, location=name if kind == "shm" else f"fd:{topic}:kv:{name}", request_id=request_id,
+        kind=kind, location=name if kind == "shm" else f"fd:{topic}:kv:{name}", topic=topic,
+        request_id=request_id,
         token=token, dtype=dtypes.pop(), shapes=tuple(tuple(t.shape) for t in tensors),
         num_tokens=cache.num_tokens, nbytes=sum(p.nbytes for p in raw), checksum=f"{checksum:08x}",
         owner=owner, host=host, expires_at=time.time() + ttl_s, first_token=first_token,
@@ -161,7 +170,27 @@ def put(
         client.set(ref.location, b"".join([header, *(p.tobytes() for p in raw)]), ex=max(1, int(ttl_s)))
     else:
         raise KVRefError(f"unknown KV store {kind!r}; known: {', '.join(STORES)}")
+    if client is not None:
+        client.hset(_index_key(topic), ref.location, f"{owner}|{ref.nbytes}|{ref.expires_at}")
     return ref
+
+
+def _index_key(topic: str) -> str:
+    return f"fd:{topic}:kvheld"
+
+
+def bytes_held(client: redis.Redis, topic: str) -> dict[str, int]:
+    """KV bytes each node's blobs hold in the stores now (expired entries are not counted)."""
+    held: dict[str, int] = {}
+    now = time.time()
+    for location, value in client.hgetall(_index_key(topic)).items():
+        owner, _, rest = value.decode().partition("|")
+        nbytes, _, expires = rest.partition("|")
+        if float(expires) > now:
+            held[owner] = held.get(owner, 0) + int(nbytes)
+        else:
+            client.hdel(_index_key(topic), location)
+    return held
 
 
 def _write_shm(name: str, header: bytes, raw: list[Any]) -> None:
@@ -187,6 +216,8 @@ def take(ref: KVRef, device: str, client: redis.Redis | None = None) -> KVCache:
     ``KVRefError`` with ``missing`` in the message (the caller may redo prefill).
     """
     ref.check()
+    if client is not None:
+        client.hdel(_index_key(ref.topic), ref.location)
     if ref.kind == "shm":
         buffer = _take_shm(ref.location)
     else:
@@ -246,6 +277,8 @@ def _decode_blob(ref: KVRef, buffer: Any, device: str) -> KVCache:
 
 def discard(ref: KVRef, client: redis.Redis | None = None) -> None:
     """Release a blob nobody will load (the hand-off failed)."""
+    if client is not None:
+        client.hdel(_index_key(ref.topic), ref.location)
     if ref.kind == "shm":
         try:
             os.unlink(os.path.join(SHM_DIR, ref.location))
