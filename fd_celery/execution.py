@@ -403,6 +403,8 @@ def run_decode(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dic
             done.last_at = decode.first_token_at
         result = _result(run, request, engine, prompt_ids, (ref.owner, run.node), decode.submitted,
                          decode.first_token_at, done, started=decode.started)
+        result.extra.update(kv_store=ref.kind, kv_bytes=ref.nbytes,
+                            handoff_s=max(0.0, run.started - decode.first_token_at))
         return _outcome(run.out.end({"result": result.to_dict()}, END_RETENTION_S))
 
     return _guarded(run, work)

@@ -200,7 +200,7 @@ class GenerationResult:
     queue_s: float = 0.0  # submit -> start
     prompt_tokens: int = 0
     model: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def completion_tokens(self) -> int:

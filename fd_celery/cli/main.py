@@ -66,3 +66,19 @@ def steal(num_requests: int, tokens: int, ms_per_token: float, out_dir: str) -> 
     from ..bench.steal import run_steal
 
     run_steal(num_requests, tokens, ms_per_token, out_dir)
+
+
+@bench.command()
+@click.option("--repeat", type=click.IntRange(1, 50), default=5, show_default=True,
+              help="Round trips per size and store; the best counts.")
+@click.option("--requests", "num_requests", type=click.IntRange(1, 10_000), default=50, show_default=True,
+              help="Split requests whose hand-off latency is measured.")
+@click.option("--stream-tokens", type=click.IntRange(10, 10_000), default=400, show_default=True,
+              help="Tokens of the streaming measurement.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results",
+              show_default=True, help="Where the JSON and PNG go.")
+def pd(repeat: int, num_requests: int, stream_tokens: int, out_dir: str) -> None:
+    """Splitwise: KV store throughput against memcpy and raw Redis; hand-off latency; streaming."""
+    from ..bench.pd import run_pd
+
+    run_pd(repeat, num_requests, stream_tokens, out_dir)
