@@ -1,20 +1,44 @@
-"""``celery -A APP fd status``: the live nodes of a topic, as a table or as JSON."""
+"""``celery -A APP fd status`` and ``celery -A APP fd metrics``: a topic's nodes, for people and
+for Prometheus.
+
+``fd status`` lists every live node of the topic: role, load score, queue depth, slots, running
+requests, heartbeat age, steals made and suffered, KV bytes held (``--json`` for scripts).
+``fd metrics`` serves the Prometheus exposition at ``/metrics`` (``--once`` prints it and exits);
+see :mod:`fd_celery.metrics`.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import click
 from celery.bin.base import CeleryCommand, handle_preload_options
 
+from .. import kvstore, loadtable
 from ..app import get_config
 from ..connection import redis_errors, redis_for
 from ..errors import FDCeleryError
-from ..keys import node_queue
-from ..registry import NodeInfo, live_nodes
+from ..keys import steals_hash
+from ..metrics import queue_depths, shared_queue_depths
+from ..registry import live_nodes
 
-COLUMNS = ("node", "role", "slots", "queue", "heartbeat_age_s", "model", "device", "host", "pid")
+# (JSON field, table heading)
+COLUMNS = (
+    ("node", "node"),
+    ("role", "role"),
+    ("load_score", "load"),
+    ("queue", "queue"),
+    ("slots", "slots"),
+    ("running", "running"),
+    ("heartbeat_age_s", "heartbeat"),
+    ("steals_made", "stole"),
+    ("steals_suffered", "stolen from"),
+    ("kv_bytes", "KV held"),
+    ("model", "model"),
+    ("device", "device"),
+)
 
 
 @click.group(name="fd")
@@ -28,33 +52,129 @@ def fd(ctx: click.Context, **_: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Every live node of the topic: role, slots, waiting requests, heartbeat age."""
+    """Every live node of the topic: role, load, queue, slots, running, heartbeat, steals, KV bytes."""
     app = ctx.obj.app
     try:
         config = get_config(app)
         client = redis_for(config)
         with redis_errors(config):
-            nodes = live_nodes(client, config)
-            rows = [_row(client, config, node) for node in nodes]
+            report = collect_status(client, config)
     except FDCeleryError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps({"topic": config.scheduler_topic, "nodes": rows}, indent=2))
+        click.echo(json.dumps(report, indent=2))
         return
+    rows = report["nodes"]
     click.echo(f"topic {config.scheduler_topic!r} on {config.redacted_url()}: {len(rows)} live node(s)")
     if rows:
         click.echo(_table(rows))
+    waiting = {role: n for role, n in report["shared_queues"].items() if n}
+    if waiting:
+        click.echo("waiting in topic-wide queues: " + ", ".join(f"{role} {n}" for role, n in waiting.items()))
 
 
-def _row(client: Any, config: Any, node: NodeInfo) -> dict[str, Any]:
-    row = node.to_dict()
-    row["queue"] = client.llen(node_queue(config.scheduler_topic, node.role, node.name))
-    return row
+def collect_status(client: Any, config: Any) -> dict[str, Any]:
+    """What ``fd status`` shows: ``{"topic", "nodes": [row, ...], "shared_queues": {role: n}}``."""
+    topic = config.scheduler_topic
+    nodes = live_nodes(client, config)
+    depths = queue_depths(client, topic, [(n.name, n.role) for n in nodes])
+    scores: dict[str, dict[str, float]] = {}
+    steals = {k.decode(): int(v) for k, v in client.hgetall(steals_hash(topic)).items()}
+    held = kvstore.bytes_held(client, topic)
+    rows = []
+    for info in nodes:
+        if info.role not in scores:
+            scores[info.role] = loadtable.scores(client, config, info.role)
+        row = info.to_dict()
+        row.update(
+            load_score=round(scores[info.role].get(info.name, 0.0), 4),
+            queue=depths.get(info.name, 0),
+            slots=_int(info.facts.get("slots")),
+            running=_int(info.facts.get("running")),
+            steals_made=steals.get(f"{info.name}:made", 0),
+            steals_suffered=steals.get(f"{info.name}:suffered", 0),
+            kv_bytes=held.get(info.name, 0),
+        )
+        rows.append(row)
+    return {"topic": topic, "nodes": rows, "shared_queues": shared_queue_depths(client, topic)}
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _cell(field: str, value: Any) -> str:
+    if field == "kv_bytes":
+        return _bytes(int(value or 0))
+    if field == "heartbeat_age_s":
+        return f"{float(value):.1f}s"
+    if field == "load_score":
+        return f"{float(value):.2f}"
+    return "" if value is None else str(value)
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    cells = [[str(row.get(col, "")) for col in COLUMNS] for row in rows]
-    widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(COLUMNS)]
-    lines = ["  ".join(col.ljust(w) for col, w in zip(COLUMNS, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
+    heads = [head for _, head in COLUMNS]
+    cells = [[_cell(field, row.get(field)) for field, _ in COLUMNS] for row in rows]
+    widths = [max(len(head), *(len(r[i]) for r in cells)) for i, head in enumerate(heads)]
+    numeric = {"load", "queue", "slots", "running", "heartbeat", "stole", "stolen from", "KV held"}
+
+    def fmt(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if h in numeric else v.ljust(w)
+                         for v, w, h in zip(values, widths, heads)).rstrip()
+
+    return "\n".join([fmt(heads), *(fmt(r) for r in cells)])
+
+
+@fd.command(cls=CeleryCommand)
+@click.option("--port", type=click.IntRange(1, 65535), default=9808, show_default=True,
+              help="Port to serve /metrics on.")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 exposes it to the network).")
+@click.option("--once", is_flag=True, help="Print the exposition to stdout and exit.")
+@click.pass_context
+def metrics(ctx: click.Context, port: int, address: str, once: bool) -> None:
+    """Prometheus metrics of the topic at http://ADDRESS:PORT/metrics, read from Redis per scrape."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise click.ClickException(
+            "the metrics exporter needs prometheus_client: pip install prometheus-client"
+        ) from None
+    from .. import metrics as fd_metrics
+
+    app = ctx.obj.app
+    try:
+        config = get_config(app)
+        client = redis_for(config)
+        with redis_errors(config):
+            client.ping()
+            if once:
+                click.echo(fd_metrics.exposition(client, config).decode(), nl=False)
+                return
+    except FDCeleryError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        server = fd_metrics.serve(client, config, port, address)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {address}:{port}: {exc}") from None
+    click.echo(f"fd_celery metrics of topic {config.scheduler_topic!r} ({config.redacted_url()}) "
+               f"at http://{address}:{port}/metrics; Ctrl-C stops")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
