@@ -9,6 +9,8 @@ Client apps need no torch.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,7 +35,7 @@ from .errors import (
 )
 from .keys import check_request_id, output_stream
 from .protocol import GenerationResult, OutputChunk
-from .stream import last_entry, read_entries
+from .stream import StreamReaders, last_entry
 
 __all__ = ["Client", "RequestHandle"]
 
@@ -49,6 +51,20 @@ class Client:
         self.config = get_config(app)
         # Splitwise requests start with prefill; the output stream carries both halves.
         self._task_name = "fd.prefill" if self.config.scheduler_name == "splitwise" else "fd.generate"
+        self._readers: StreamReaders | None = None
+        self._readers_lock = threading.Lock()
+
+    @property
+    def readers(self) -> StreamReaders:
+        """The reader threads that follow this client's output streams (started on first use)."""
+        with self._readers_lock:
+            if self._readers is None:
+                config = self.config
+                self._readers = StreamReaders(
+                    redis_for(config), config.scheduler_reader_parallel, config.scheduler_reader_batch_size,
+                    config.scheduler_topic, BLOCK_MS,
+                )
+            return self._readers
 
     def submit(
         self,
@@ -145,28 +161,37 @@ class RequestHandle:
                     self._finish(last.data)
                     return
                 after = last.seq
-        while True:
-            block_ms = BLOCK_MS
-            if give_up_at is not None:
-                block_ms = max(1, min(block_ms, int((give_up_at - time.monotonic()) * 1000)))
-            with redis_errors(config):
-                entries = read_entries(
-                    self._redis, self._key, after, config.scheduler_reader_batch_size, block_ms
-                )
-            for entry in entries:
-                after = entry.seq
-                if entry.end:
-                    self._finish(entry.data)
-                    return
-                if chunks:
-                    yield OutputChunk.from_dict(entry.data)
-            if not entries:
-                if self._ended_outside_stream():
-                    return
-                if give_up_at is not None and time.monotonic() >= give_up_at:
-                    raise ResultTimeout(
-                        f"request {self.request_id} did not end within {timeout}s; it may still finish"
-                    )
+        readers = self._client.readers
+        with redis_errors(config):
+            entries_queue = readers.subscribe(self._key, after)
+        try:
+            while True:
+                wait_s = BLOCK_MS / 1000
+                if give_up_at is not None:
+                    wait_s = max(0.001, min(wait_s, give_up_at - time.monotonic()))
+                try:
+                    entries = entries_queue.get(timeout=wait_s)
+                except queue.Empty:
+                    entries = []
+                if isinstance(entries, BaseException):
+                    raise BrokerUnavailable(
+                        f"Redis at {config.redacted_url()} is unreachable: {entries}"
+                    ) from None
+                for entry in entries:
+                    if entry.end:
+                        self._finish(entry.data)
+                        return
+                    if chunks:
+                        yield OutputChunk.from_dict(entry.data)
+                if not entries:
+                    if self._ended_outside_stream():
+                        return
+                    if give_up_at is not None and time.monotonic() >= give_up_at:
+                        raise ResultTimeout(
+                            f"request {self.request_id} did not end within {timeout}s; it may still finish"
+                        )
+        finally:
+            readers.unsubscribe(self._key)
 
     def _finish(self, end: dict[str, Any]) -> None:
         if "result" in end:

@@ -8,8 +8,10 @@ gets the first run's final result back and returns that, so the result backend a
 
 Worker side, :class:`OutputWriter` runs ``scheduler_writer_parallel`` threads; a request always
 goes to the same thread (order holds) and a thread writes up to ``scheduler_writer_batch_size``
-queued entries in one round trip. Caller side, :func:`read_entries` reads up to
-``scheduler_reader_batch_size`` entries per call.
+queued entries in one round trip. Caller side, :class:`StreamReaders` runs
+``scheduler_reader_parallel`` threads; each follows its share of the streams a client process
+watches with one blocking XREAD, up to ``scheduler_reader_batch_size`` entries per stream per
+call, so a thousand open requests cost a few connections, not a thousand.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import logging
 import os
 import queue
 import threading
+import time
+import uuid
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +31,13 @@ import redis
 
 from .errors import BrokerUnavailable
 
-__all__ = ["OutputWriter", "StreamEntry", "read_entries", "last_entry", "END_RETENTION_S"]
+__all__ = ["OutputWriter", "StreamReaders", "StreamEntry", "last_entry", "END_RETENTION_S"]
 
 logger = logging.getLogger(__name__)
 
 END_RETENTION_S = 600  # a finished stream stays readable this long after its end
 EXPIRED_RETENTION_S = 60  # the error entry of an expired request: long enough for a reader to see
+WAKE_KEY_TTL_S = 3600  # a client's private wake-up streams vanish this long after its last use
 
 # KEYS[1] = stream (entries 0-<seq+1>, field d = JSON; the final entry also has end = 1)
 # ARGV[1] = expiry in ms; then pairs of (seq, JSON); ARGV[#ARGV] = "1" if the last pair is final
@@ -79,16 +83,6 @@ def _decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
 def last_entry(client: redis.Redis, key: str) -> StreamEntry | None:
     rows = client.xrevrange(key, count=1)
     return _decode_entry(*rows[0]) if rows else None
-
-
-def read_entries(
-    client: redis.Redis, key: str, after_seq: int, count: int, block_ms: int
-) -> list[StreamEntry]:
-    """Entries with seq > ``after_seq``, up to ``count``, waiting up to ``block_ms`` for the first."""
-    reply = client.xread({key: f"0-{after_seq + 1}"}, count=count, block=block_ms)
-    if not reply:
-        return []
-    return [_decode_entry(eid, fields) for eid, fields in reply[0][1]]
 
 
 @dataclass
@@ -200,13 +194,79 @@ def writer_for(client: redis.Redis, parallel: int, batch_size: int) -> OutputWri
         return _writer
 
 
-def iter_stream(
-    client: redis.Redis, key: str, count: int, block_ms: int
-) -> Iterator[list[StreamEntry]]:
-    """Batches of entries in order, forever (callers stop at the end entry or their deadline)."""
-    after = -1
-    while True:
-        entries = read_entries(client, key, after, count, block_ms)
-        if entries:
-            after = entries[-1].seq
-        yield entries
+class _ReaderSlot:
+    """One reader thread and the streams it follows (stream key -> [last seq, queue])."""
+
+    def __init__(self, readers: StreamReaders, index: int) -> None:
+        self.readers = readers
+        self.wake_key = f"{readers.wake_prefix}:{index}"
+        self.wake_id = "0-0"
+        self.subs: dict[str, tuple[int, queue.SimpleQueue[Any]]] = {}
+        self.lock = threading.Lock()
+        self.has_subs = threading.Event()
+        threading.Thread(target=self._run, name=f"fd-reader-{index}", daemon=True).start()
+
+    def _run(self) -> None:
+        client, count = self.readers.client, self.readers.batch_size
+        while True:
+            self.has_subs.wait()
+            with self.lock:
+                streams = {key: f"0-{after + 1}" for key, (after, _) in self.subs.items()}
+                if not streams:
+                    self.has_subs.clear()
+                    continue
+            streams[self.wake_key] = self.wake_id
+            try:
+                reply = client.xread(streams, count=count, block=self.readers.block_ms)
+            except redis.RedisError as exc:
+                self._fail(exc)
+                time.sleep(0.2)
+                continue
+            for key_raw, rows in reply or []:
+                key = key_raw.decode()
+                if key == self.wake_key:
+                    self.wake_id = rows[-1][0].decode()
+                    continue
+                entries = [_decode_entry(eid, fields) for eid, fields in rows]
+                with self.lock:
+                    sub = self.subs.get(key)
+                    if sub is not None:
+                        self.subs[key] = (entries[-1].seq, sub[1])
+                        sub[1].put(entries)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self.lock:
+            for _, q in self.subs.values():
+                q.put(exc)
+
+
+class StreamReaders:
+    """``scheduler_reader_parallel`` threads that follow output streams for one client."""
+
+    def __init__(self, client: redis.Redis, parallel: int, batch_size: int, topic: str, block_ms: int) -> None:
+        self.client, self.batch_size, self.block_ms = client, batch_size, block_ms
+        self.wake_prefix = f"fd:{topic}:wake:{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._slots = [_ReaderSlot(self, i) for i in range(parallel)]
+
+    def _slot(self, key: str) -> _ReaderSlot:
+        return self._slots[zlib.crc32(key.encode()) % len(self._slots)]
+
+    def subscribe(self, key: str, after_seq: int) -> queue.SimpleQueue[Any]:
+        """Entries of ``key`` after ``after_seq`` arrive on the returned queue, in order, as lists
+        (or a redis error, if reading failed)."""
+        slot = self._slot(key)
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with slot.lock:
+            slot.subs[key] = (after_seq, q)
+        slot.has_subs.set()
+        # Wake the reader out of its blocking read, so the new stream is read at once.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(slot.wake_key, {"w": "1"}, maxlen=16, approximate=True)
+        pipe.expire(slot.wake_key, WAKE_KEY_TTL_S)
+        pipe.execute()
+        return q
+
+    def unsubscribe(self, key: str) -> None:
+        slot = self._slot(key)
+        with slot.lock:
+            slot.subs.pop(key, None)
