@@ -121,8 +121,6 @@ def _configure_celery(app: Celery, config: SchedulerConfig) -> None:
     conf.worker_prefetch_multiplier = 1
     conf.worker_disable_prefetch = True
     conf.broker_connection_retry_on_startup = True
-    # Flower and `celery events` see requests as they happen (Celery's default is off).
-    conf.worker_send_task_events = True
     transport = dict(conf.broker_transport_options or {})
     transport.setdefault("visibility_timeout", int(config.ttl_s + MAX_RUN_S))
     # kombu sweeps for unacked messages of dead workers every interval x throttle seconds

@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 _engines = threading.local()
 
+CHUNK_FLUSH_S = 0.002  # chunks wait at most this long before they go to the writer threads
+
 
 def engine_for(app: Celery) -> Any:
     """This thread's engine (loaded once per pool process or thread, never per request)."""
@@ -78,7 +80,12 @@ def engine_for(app: Celery) -> Any:
 
 @dataclass
 class _Output:
-    """One run's view of its request's output stream: the next seq, and how to end."""
+    """One run's view of its request's output stream: the next seq, and how to end.
+
+    Chunks are handed to the writer threads at most every ``CHUNK_FLUSH_S``: a fast model's
+    tokens travel a few at a time, and a short request's chunks go out with its end entry in
+    one round trip.
+    """
 
     writer: OutputWriter
     key: str
@@ -86,17 +93,29 @@ class _Output:
     seq: int = 0
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    buffer: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    flushed_at: float = field(default_factory=time.monotonic)
 
     def chunk(self, text: str, token_ids: tuple[int, ...], write: bool = True) -> None:
         if write:
-            self.writer.write(self.key, self.seq, OutputChunk(self.seq, text, token_ids).to_dict(), self.ttl_s)
+            self.buffer.append((self.seq, OutputChunk(self.seq, text, token_ids).to_dict()))
+            if time.monotonic() - self.flushed_at >= CHUNK_FLUSH_S:
+                self.flush()
         self.seq += 1
         self.token_ids.extend(token_ids)
         self.text.append(text)
 
+    def flush(self) -> None:
+        """Hand buffered chunks to the writer now (the first token must not wait: TTFT)."""
+        if self.buffer:
+            self.writer.write(self.key, self.buffer, self.ttl_s)
+            self.buffer, self.flushed_at = [], time.monotonic()
+
     def end(self, payload: dict[str, Any], retention_s: float) -> dict[str, Any]:
         """Write the end entry; returns the end as stored (an earlier run's, if there was one)."""
-        return self.writer.finish(self.key, self.seq, {"seq": self.seq, **payload}, retention_s)
+        items = [*self.buffer, (self.seq, {"seq": self.seq, **payload})]
+        self.buffer = []
+        return self.writer.finish(self.key, items, retention_s)
 
     def fail(self, exc: FDCeleryError) -> dict[str, Any]:
         retention = EXPIRED_RETENTION_S if isinstance(exc, RequestExpired) else END_RETENTION_S
@@ -116,7 +135,9 @@ class _Run:
     started: float
 
     @classmethod
-    def open(cls, task: Task, request_id: Any) -> _Run:
+    def open(cls, task: Task, request_id: Any, look_back: bool = True) -> _Run:
+        """``look_back``: read the stream's last entry first, to skip work an earlier run did.
+        Without it a rerun computes again, and the stream still takes nothing twice."""
         config = get_config(task.app)
         request_id = check_request_id(request_id)  # it names keys: check before any is touched
         client = redis_for(config)
@@ -125,8 +146,10 @@ class _Run:
             key=output_stream(config.scheduler_topic, request_id),
             ttl_s=config.ttl_s,
         )
-        with redis_errors(config):
-            previous = last_entry(client, out.key)
+        previous = None
+        if look_back:
+            with redis_errors(config):
+                previous = last_entry(client, out.key)
         return cls(task, config, client, request_id, out, previous, time.time())
 
     @property
@@ -216,9 +239,12 @@ class _Decoded:
     produced: int
 
 
-def _stream_tokens(engine: Any, out: _Output, tokens: Any, streamer: Any, skip: int) -> _Decoded:
+def _stream_tokens(
+    engine: Any, out: _Output, tokens: Any, streamer: Any, skip: int, more_after_first: bool
+) -> _Decoded:
     """Write each token of ``tokens`` as a chunk (the first ``skip`` were written by an earlier
-    run); stop at end-of-sequence."""
+    run); stop at end-of-sequence. The first chunk goes out at once when more will follow (a
+    one-token request's chunk goes with its end instead)."""
     finish_reason, first_at, last_at, produced = "length", 0.0, 0.0, 0
     for token in tokens:
         last_at = time.time()
@@ -228,6 +254,8 @@ def _stream_tokens(engine: Any, out: _Output, tokens: Any, streamer: Any, skip: 
             break
         out.chunk(streamer.push(token), (token,), write=out.seq >= skip)
         produced += 1
+        if produced == 1 and more_after_first:
+            out.flush()
     tail = streamer.flush()
     if tail:
         out.chunk(tail, (), write=out.seq >= skip)
@@ -246,10 +274,10 @@ def _decode_steps(engine: Any, cache: Any, token: int, sampling: Any, count: int
 
 
 def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    run = _Run.open(task, task.request.id)
-    if run.ended_before():
-        return _outcome(run.previous.data)  # type: ignore[union-attr]
-    skip = run.previous.seq + 1 if run.previous is not None else 0
+    # The hot path reads nothing first: reruns are rare, and the stream's append script already
+    # skips what an earlier run wrote and hands back an earlier end (see fd_celery.stream).
+    run = _Run.open(task, task.request.id, look_back=False)
+    skip = 0
 
     def work() -> dict[str, Any]:
         request = _admitted(run, args, kwargs)
@@ -261,7 +289,7 @@ def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> d
         prompt_ids = _prompt_ids(engine, request)
         sampling = SamplingParams(request.temperature, seed_for(request, run.request_id))
         done = _stream_tokens(engine, run.out, engine.generate(prompt_ids, sampling, request.max_tokens),
-                              TextStreamer(engine), skip)
+                              TextStreamer(engine), skip, request.max_tokens > 1)
         submitted = _header(task, "fd_submitted") or run.started
         result = _result(run, request, engine, prompt_ids, (run.node,), submitted, done.first_at, done,
                          stolen=stolen is not None)
@@ -313,6 +341,8 @@ def run_prefill(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
         first_at = time.time()
         if first != engine.eos_token_id:
             run.out.chunk(TextStreamer(engine).push(first), (first,))
+            if request.max_tokens > 1:
+                run.out.flush()  # the first token reaches the caller before the hand-off
         return _hand_off(run, request, engine, prompt_ids, cache, first, first_at)
 
     return _guarded(run, work)
@@ -397,7 +427,7 @@ def run_decode(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dic
         streamer = TextStreamer(engine, emitted_ids=[ref.first_token])
         done = _stream_tokens(
             engine, run.out, _decode_steps(engine, cache, ref.first_token, sampling, request.max_tokens - 1),
-            streamer, skip,
+            streamer, skip, more_after_first=False,
         )
         if done.produced == 0:
             done.last_at = decode.first_token_at

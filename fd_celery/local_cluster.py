@@ -124,7 +124,9 @@ class WorkerProcess:
         return [
             sys.executable, "-m", "celery", "-A", self.app, "worker",
             "-n", f"{self.name}@%h", "-c", str(self.concurrency), "-P", self.pool,
-            "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
+            # Without gossip and mingle a worker starts faster; its heartbeat stays, so it keeps an
+            # event dispatcher and Flower (or `celery control enable_events`) can turn events on.
+            "--without-gossip", "--without-mingle", "-l", "INFO",
             *self.extra_args,
         ]
 

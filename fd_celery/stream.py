@@ -108,6 +108,8 @@ class OutputWriter:
         self._queues: list[queue.SimpleQueue[_Pending]] = [queue.SimpleQueue() for _ in range(parallel)]
         self._pid = os.getpid()
         self._failed: dict[str, BaseException] = {}  # stream key -> error of a lost chunk write
+        self._outstanding: dict[str, int] = {}  # stream key -> writes queued, not yet stored
+        self._lock = threading.Lock()
         for index, q in enumerate(self._queues):
             thread = threading.Thread(
                 target=self._run, args=(q,), name=f"fd-writer-{index}", daemon=True
@@ -117,19 +119,37 @@ class OutputWriter:
     def _queue_for(self, key: str) -> queue.SimpleQueue[_Pending]:
         return self._queues[zlib.crc32(key.encode()) % len(self._queues)]
 
-    def write(self, key: str, seq: int, data: dict[str, Any], ttl_s: float) -> None:
-        """Queue one chunk; returns at once. Errors surface at the next ``finish``."""
-        pending = _Pending(key, int(ttl_s * 1000), [(seq, json.dumps(data))])
+    def write(self, key: str, items: list[tuple[int, dict[str, Any]]], ttl_s: float) -> None:
+        """Queue chunks of one request; returns at once. Errors surface at its ``finish``."""
+        pending = _Pending(key, int(ttl_s * 1000), [(seq, json.dumps(data)) for seq, data in items])
+        with self._lock:
+            self._outstanding[key] = self._outstanding.get(key, 0) + 1
         self._queue_for(key).put(pending)
 
     def finish(
-        self, key: str, seq: int, data: dict[str, Any], ttl_s: float, timeout_s: float = 30.0
+        self, key: str, items: list[tuple[int, dict[str, Any]]], ttl_s: float, timeout_s: float = 30.0
     ) -> dict[str, Any]:
-        """Write the final entry after everything queued before it; wait until it is stored.
+        """Write ``items`` (the last one is the end entry) after everything queued before them;
+        wait until stored. Returns the end entry as stored: ours, or an earlier run's.
 
-        Returns the final entry as stored: ours, or an earlier run's if the stream had ended.
+        When nothing of this request is still queued, the caller's thread writes it itself: one
+        round trip, no hand-over to a writer thread (what short requests always hit).
         """
-        pending = _Pending(key, int(ttl_s * 1000), [(seq, json.dumps(data))], final=True)
+        payloads = [(seq, json.dumps(data)) for seq, data in items]
+        with self._lock:
+            inline = not self._outstanding.get(key)
+        if inline:
+            args: list[Any] = [int(ttl_s * 1000)]
+            for seq, payload in payloads:
+                args.extend((seq, payload))
+            try:
+                reply = self._script(keys=[key], args=[*args, "1"])
+            except redis.RedisError as exc:
+                raise BrokerUnavailable(f"output stream {key} could not be written: {exc}") from None
+            return dict(json.loads(reply))
+        pending = _Pending(key, int(ttl_s * 1000), payloads, final=True)
+        with self._lock:
+            self._outstanding[key] = self._outstanding.get(key, 0) + 1
         self._queue_for(key).put(pending)
         if not pending.done.wait(timeout_s):
             raise BrokerUnavailable(f"output stream {key} could not be written in {timeout_s}s")
@@ -178,6 +198,12 @@ class OutputWriter:
                     self._failed[member.key] = reply
                 else:
                     member.reply = reply
+                with self._lock:
+                    left = self._outstanding.get(member.key, 1) - 1
+                    if left > 0:
+                        self._outstanding[member.key] = left
+                    else:
+                        self._outstanding.pop(member.key, None)
                 member.done.set()
 
 
