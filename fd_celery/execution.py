@@ -90,6 +90,8 @@ class _Output:
     writer: OutputWriter
     key: str
     ttl_s: float
+    topic: str = ""
+    node: str = ""
     seq: int = 0
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
@@ -113,9 +115,13 @@ class _Output:
 
     def end(self, payload: dict[str, Any], retention_s: float) -> dict[str, Any]:
         """Write the end entry; returns the end as stored (an earlier run's, if there was one)."""
-        items = [*self.buffer, (self.seq, {"seq": self.seq, **payload})]
+        ours = {"seq": self.seq, **payload}
+        items = [*self.buffer, (self.seq, ours)]
         self.buffer = []
-        return self.writer.finish(self.key, items, retention_s)
+        stored = self.writer.finish(self.key, items, retention_s)
+        if stored == ours:  # this run ended the request (not an earlier one): count it once
+            self.writer.defer(lambda: _record_end(self.writer, self.topic, self.node, ours))
+        return stored
 
     def fail(self, exc: FDCeleryError) -> dict[str, Any]:
         retention = EXPIRED_RETENTION_S if isinstance(exc, RequestExpired) else END_RETENTION_S
@@ -145,6 +151,8 @@ class _Run:
             writer=writer_for(client, config.scheduler_writer_parallel, config.scheduler_writer_batch_size),
             key=output_stream(config.scheduler_topic, request_id),
             ttl_s=config.ttl_s,
+            topic=config.scheduler_topic,
+            node=str(task.request.hostname),
         )
         previous = None
         if look_back:
@@ -161,6 +169,21 @@ class _Run:
             logger.info("request %s already ended in an earlier run; not running it again", self.request_id)
             return True
         return False
+
+
+def _record_end(writer: OutputWriter, topic: str, node: str, end: dict[str, Any]) -> None:
+    from . import metrics
+
+    client = writer.client
+    result = end.get("result")
+    if isinstance(result, dict):
+        served = result.get("served_by") or [node]
+        metrics.record_end(client, topic, node, "ok", result.get("ttft_s"), result.get("tpot_s"),
+                           len(result.get("token_ids") or ()),
+                           first_node=served[0] if len(served) > 1 else None)
+    else:
+        error = end.get("error") if isinstance(end.get("error"), dict) else {}
+        metrics.record_end(client, topic, node, str(error.get("type", "WorkerError")), None, None, 0)
 
 
 def _header(task: Task, name: str) -> float | None:
@@ -385,6 +408,10 @@ def _hand_off(
         raise
     logger.info("request %s: prefill done, KV (%d bytes, %s) handed to %s",
                 run.request_id, ref.nbytes, ref.kind, decode_node)
+    from . import metrics
+
+    run.out.writer.defer(lambda: metrics.record_handoff(run.client, run.config.scheduler_topic, run.node,
+                                                        ref.nbytes, ref.kind))
     return ref.to_dict()
 
 

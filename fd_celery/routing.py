@@ -33,11 +33,11 @@ from typing import Any
 
 from celery import Celery, current_app
 
-from . import admission, keys, loadtable, registry
+from . import admission, keys, loadtable, metrics, registry
 from .app import get_config
 from .config import SchedulerConfig
 from .connection import redis_errors, redis_for
-from .errors import NoNodeAvailable
+from .errors import NoNodeAvailable, QueueFull
 from .protocol import GenerateRequest, parse_decode_kwargs, parse_request
 
 __all__ = ["route_task", "FD_TASK_NAMES", "PREFILL_ROLES", "DECODE_ROLES", "PREFILL_BLUR"]
@@ -70,7 +70,11 @@ def route_task(
     headers: dict[str, Any] = {"fd_submitted": now, "fd_deadline": now + config.ttl_s}
     queue = _queue_for(config, name, request)
     if config.scheduler_name == "local" and config.scheduler_max_size > 0:
-        headers["fd_ticket"] = admission.admit(config, headers["fd_deadline"])
+        try:
+            headers["fd_ticket"] = admission.admit(config, headers["fd_deadline"])
+        except QueueFull:
+            metrics.record_rejected(redis_for(config), config.scheduler_topic, "QueueFull")
+            raise
     # Celery lets explicit options win over a route: merge into headers the caller passed.
     if isinstance(options.get("headers"), dict):
         options["headers"].update(headers)
@@ -100,6 +104,7 @@ def _require_live(config: SchedulerConfig, roles: tuple[str, ...], what: str) ->
     with redis_errors(config):
         nodes = registry.live_nodes(redis_for(config), config)
     if not any(node.role in roles for node in nodes):
+        metrics.record_rejected(redis_for(config), config.scheduler_topic, "NoNodeAvailable")
         raise NoNodeAvailable(
             f"no live {what} node ({' or '.join(roles)}) in topic {config.scheduler_topic!r}"
         )

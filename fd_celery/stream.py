@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,7 @@ class OutputWriter:
 
     def __init__(self, client: redis.Redis, parallel: int, batch_size: int) -> None:
         self._client = client
+        self.client = client
         self._batch_size = batch_size
         self._script = client.register_script(_APPEND)
         self._queues: list[queue.SimpleQueue[_Pending]] = [queue.SimpleQueue() for _ in range(parallel)]
@@ -160,6 +162,10 @@ class OutputWriter:
         assert pending.reply is not None
         return dict(json.loads(pending.reply))
 
+    def defer(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on a writer thread, off the request's path (metrics, bookkeeping)."""
+        self._queues[0].put(work)  # type: ignore[arg-type]
+
     def _run(self, q: queue.SimpleQueue[_Pending]) -> None:
         while True:
             batch = [q.get()]
@@ -168,7 +174,15 @@ class OutputWriter:
                     batch.append(q.get_nowait())
                 except queue.Empty:
                     break
-            self._flush(batch)
+            deferred = [item for item in batch if callable(item)]
+            writes = [item for item in batch if not callable(item)]
+            if writes:
+                self._flush(writes)
+            for work in deferred:
+                try:
+                    work()
+                except Exception:
+                    logger.exception("deferred work failed")
 
     def _flush(self, batch: list[_Pending]) -> None:
         # Consecutive entries of one request go in one script call; a final entry closes a call.
