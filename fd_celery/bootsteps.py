@@ -69,13 +69,15 @@ class FDWorkerStep(bootsteps.StartStopStep):
         self.thief: Thief | None = None
         self.load_score = 0.0
         self.waiting = 0
+        self.facts: dict[str, Any] = {}
 
     def start(self, worker: Any) -> None:
         app = worker.app
         config = get_config(app)
         settings = get_node_settings(app)
         client = redis_for(config)
-        registry.register(client, config, self.node, self._facts(worker))
+        self.facts = self._facts(worker)
+        registry.register(client, config, self.node, self.facts)
         self._publish(client, config)
         self._stop.clear()
         self._thread = threading.Thread(
@@ -162,9 +164,12 @@ class FDWorkerStep(bootsteps.StartStopStep):
         if not beat:
             queue = self.queues[1]
             return 0.0, sum(client.llen(q) for q in loadtable.queue_lists(queue))
-        self.load_score, self.waiting = loadtable.publish(
+        self.load_score, self.waiting, known = loadtable.publish(
             client, config, role, self.node, _requests_held(), self.slots, self.queues[1]
         )
+        if not known:  # Redis lost its data (restart without persistence, failover): join again
+            logger.warning("node %s was missing from the registry; registering again", self.node)
+            registry.register(client, config, self.node, self.facts)
         return self.load_score, self.waiting
 
     def _heartbeat(self, app: Any) -> None:

@@ -44,15 +44,17 @@ def shard_keys(config: SchedulerConfig, role: str) -> list[str]:
 # KEYS[1] = the node's load shard (zset node -> score), KEYS[2] = nodes zset (node -> heartbeat
 # ms), KEYS[3] = the node's hash (field running), KEYS[4..] = the lists of the node's own queue.
 # ARGV[1] = node, ARGV[2] = requests running, ARGV[3] = slots, ARGV[4] = now (ms)
-# Returns the published score (as a string: Lua would truncate a number) and the waiting count.
+# Returns the published score (as a string: Lua would truncate a number), the waiting count, and
+# 1 if the node's facts are still there (0 after Redis lost its data: the node registers again).
 _PUBLISH = """
 local waiting = 0
 for i = 4, #KEYS do waiting = waiting + redis.call('LLEN', KEYS[i]) end
 local score = (waiting + tonumber(ARGV[2])) / tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], score, ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+local known = redis.call('HEXISTS', KEYS[3], 'role')
 redis.call('HSET', KEYS[3], 'running', ARGV[2])
-return {tostring(score), waiting}
+return {tostring(score), waiting, known}
 """
 
 # KEYS[1] = nodes zset, KEYS[2..] = every load shard of the roles considered
@@ -101,15 +103,16 @@ def _script(client: redis.Redis, source: str) -> redis.commands.core.Script:
 def publish(
     client: redis.Redis, config: SchedulerConfig, role: str, node: str, running: int, slots: int,
     own_queue: str,
-) -> tuple[float, int]:
-    """Publish the node's heartbeat and its load score from the truth; returns (score, waiting)."""
+) -> tuple[float, int, bool]:
+    """Publish the node's heartbeat and its load score from the truth; returns (score, waiting,
+    whether the node's facts are still registered)."""
     topic = config.scheduler_topic
     shard = keys.load_shard(topic, role, keys.shard_of(node, config.scheduler_load_shards_num))
     reply = _script(client, _PUBLISH)(
         keys=[shard, keys.nodes_zset(topic), keys.node_hash(topic, node), *queue_lists(own_queue)],
         args=[node, running, max(1, slots), int(time.time() * 1000)],
     )
-    return float(reply[0]), int(reply[1])
+    return float(reply[0]), int(reply[1]), bool(reply[2])
 
 
 def place(

@@ -153,7 +153,9 @@ class WorkerProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signum)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 10.0, keep_log: bool = False) -> None:
+        """SIGTERM (a warm shutdown), SIGKILL after ``timeout_s``, then any pool child left; the
+        log goes too unless ``keep_log`` (or FD_KEEP_WORKER_LOGS is set)."""
         if self.process is None:
             return
         self.signal(signal.SIGTERM)
@@ -162,7 +164,11 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
             self.process.wait(5)
-        self.signal(signal.SIGKILL)  # pool children left behind by a hard kill
+        with contextlib.suppress(ProcessLookupError):  # pool children left behind by a hard kill
+            os.killpg(self.process.pid, signal.SIGKILL)
+        if not keep_log and not os.environ.get("FD_KEEP_WORKER_LOGS"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.log_path)
 
 
 class LocalCluster:
@@ -202,9 +208,9 @@ class LocalCluster:
             time.sleep(0.1)
         raise RuntimeError(f"workers {sorted(set(nodes))} did not come up in {timeout_s}s")
 
-    def close(self) -> None:
+    def close(self, keep_logs: bool = False) -> None:
         for worker in self.workers:
-            worker.stop()
+            worker.stop(keep_log=keep_logs)
         self.workers.clear()
         if self._owns_redis:
             self.redis.stop()

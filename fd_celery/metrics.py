@@ -85,7 +85,7 @@ def _format_bound(bound: float) -> str:
 
 
 def _observe(pipe: Any, key: str, node: str, value: float | None, bounds: Sequence[float]) -> None:
-    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         return
     pipe.hincrby(key, f"{node}|le={_bucket(float(value), bounds)}", 1)
     pipe.hincrbyfloat(key, f"{node}|sum", float(value))
@@ -112,13 +112,14 @@ def record_end(
     """
     try:
         node_l = _label(node)
+        count = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 0
         pipe = client.pipeline(transaction=False)
         pipe.hincrby(metrics_key(topic, "requests"), f"{node_l}|{_label(outcome)}", 1)
-        if tokens and tokens > 0:
-            pipe.hincrby(metrics_key(topic, "tokens"), node_l, int(tokens))
+        if count:
+            pipe.hincrby(metrics_key(topic, "tokens"), node_l, count)
         _observe(pipe, metrics_key(topic, "ttft"), _label(first_node) if first_node else node_l, ttft_s,
                  TTFT_BUCKETS)
-        if tokens and tokens > 1:
+        if count > 1:
             _observe(pipe, metrics_key(topic, "tpot"), node_l, tpot_s, TPOT_BUCKETS)
         pipe.execute()
     except Exception as exc:  # never fail a request for a metric
@@ -139,7 +140,8 @@ def record_handoff(client: redis.Redis, topic: str, node: str, nbytes: int, kind
         field = f"{_label(node)}|{_label(kind)}"
         pipe = client.pipeline(transaction=False)
         pipe.hincrby(metrics_key(topic, "handoffs"), f"{field}:count", 1)
-        pipe.hincrby(metrics_key(topic, "handoffs"), f"{field}:bytes", max(0, int(nbytes)))
+        if isinstance(nbytes, int) and nbytes > 0:
+            pipe.hincrby(metrics_key(topic, "handoffs"), f"{field}:bytes", nbytes)
         pipe.execute()
     except Exception as exc:
         logger.warning("could not record a KV hand-off in the metrics: %s", exc)
@@ -163,10 +165,10 @@ def _histograms(raw: dict[bytes, bytes], bounds: Sequence[float]) -> dict[str, t
     out = {}
     for node, fields in per_node.items():
         counts: dict[float, float] = {float(b): 0.0 for b in bounds}
-        for suffix, value in fields.items():
+        for suffix, observed in fields.items():
             if suffix.startswith("le="):
                 bound = math.inf if suffix[3:] == _INF else float(suffix[3:])
-                counts[bound] = counts.get(bound, 0.0) + value
+                counts[bound] = counts.get(bound, 0.0) + observed
         counts.setdefault(math.inf, 0.0)
         running, buckets = 0.0, []
         for bound in sorted(counts):

@@ -18,15 +18,18 @@ def main() -> None:
               help="Which scheduler the demo cluster runs.")
 @click.option("--requests", "num_requests", type=click.IntRange(1, 10_000), default=24, show_default=True,
               help="Requests in the burst.")
-@click.option("--workers", "num_workers", type=click.IntRange(1, 16), default=2, show_default=True,
-              help="Worker processes (nodes) to start.")
+@click.option("--workers", "num_workers", type=click.IntRange(1, 16), default=None,
+              help="Worker processes (nodes) to start [default: 2 local, 4 global, 3 splitwise "
+                   "(1 prefill + 2 decode)].")
 @click.option("--max-tokens", type=click.IntRange(1, 4096), default=48, show_default=True,
               help="Most tokens per request (requests vary between a quarter of this and this).")
-def demo(scheduler: str, num_requests: int, num_workers: int, max_tokens: int) -> None:
+@click.option("--out", type=click.Path(dir_okay=False), default="fd-demo-timeline.png", show_default=True,
+              help="Where the timeline PNG goes.")
+def demo(scheduler: str, num_requests: int, num_workers: int | None, max_tokens: int, out: str) -> None:
     """Start a private Redis and real workers, send a burst of requests, show who served what."""
     from .demo import run_demo
 
-    raise SystemExit(run_demo(scheduler, num_requests, num_workers, max_tokens))
+    raise SystemExit(run_demo(scheduler, num_requests, num_workers, max_tokens, out))
 
 
 @main.group()

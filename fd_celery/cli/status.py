@@ -87,6 +87,7 @@ def collect_status(client: Any, config: Any) -> dict[str, Any]:
             scores[info.role] = loadtable.scores(client, config, info.role)
         row = info.to_dict()
         row.update(
+            role=info.role,
             load_score=round(scores[info.role].get(info.name, 0.0), 4),
             queue=depths.get(info.name, 0),
             slots=_int(info.facts.get("slots")),
