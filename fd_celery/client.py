@@ -53,6 +53,7 @@ class Client:
         self._task_name = "fd.prefill" if self.config.scheduler_name == "splitwise" else "fd.generate"
         self._readers: StreamReaders | None = None
         self._readers_lock = threading.Lock()
+        self._redis = redis_for(self.config)
 
     @property
     def readers(self) -> StreamReaders:
@@ -101,6 +102,9 @@ class Client:
         submitted = time.time()
         try:
             with redis_errors(self.config):
+                # One round trip that fails fast and names the host (unreachable, wrong password)
+                # before Celery's result consumer would retry for 20 s and raise a bare RuntimeError.
+                self._redis.ping()
                 async_result = self.app.send_task(
                     self._task_name, kwargs=kwargs, task_id=request_id, priority=priority
                 )

@@ -473,6 +473,8 @@ def _resolve(run: _Run, decode: DecodeRequest) -> kvstore.KVRef:
     if meta.get("status") != states.SUCCESS:
         raise KVRefError(f"no KV reference for request {decode.request_id} in the result backend")
     ref = kvstore.KVRef.from_dict(meta.get("result"))
+    if ref.topic != run.config.scheduler_topic:  # topics share nothing, KV blobs included
+        raise KVRefError(f"KV reference of topic {ref.topic!r} refused by a node of {run.config.scheduler_topic!r}")
     if ref.request_id != decode.request_id:
         raise KVRefError(f"KV reference belongs to request {ref.request_id}, not {decode.request_id}")
     return ref

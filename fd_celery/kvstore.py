@@ -2,8 +2,8 @@
 
 A blob is ``MAGIC | u32 header length | header JSON | raw little-endian tensor bytes`` (k0, v0,
 k1, v1, ...). The reference (:class:`KVRef`) says where the blob is and what it must contain; the
-blob's header repeats what matters (request id, a random token, dtype, shapes, size, checksum),
-so a reference that was edited, or that points at another request's blob, is refused. Tensors
+blob's header is the whole reference (with a random token), so a reference that was edited in
+any field, or that points at another request's blob, is refused. Tensors
 are rebuilt with ``torch.frombuffer`` from a dtype whitelist: never pickle, never ``torch.load``.
 
 Stores:
@@ -44,7 +44,6 @@ MAX_KV_BYTES = int(os.environ.get("FD_MAX_KV_BYTES", str(8 << 30)))  # a referen
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # dtypes a blob may hold
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _TOKEN_RE = re.compile(r"[0-9a-f]{32}")
-_HEADER_FIELDS = ("topic", "request_id", "token", "dtype", "shapes", "nbytes", "checksum")
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,11 @@ class KVRef:
             raise KVRefError(f"KV reference must be a JSON object, got {type(data).__name__}")
         try:
             ref = cls(**{**data, "shapes": tuple(tuple(int(d) for d in s) for s in data["shapes"])})
-        except (TypeError, KeyError, ValueError) as exc:
-            raise KVRefError(f"malformed KV reference: {exc}") from None
-        ref.check()
+            ref.check()
+        except KVRefError:
+            raise
+        except (TypeError, KeyError, ValueError, OverflowError, AttributeError) as exc:
+            raise KVRefError(f"malformed KV reference: {type(exc).__name__}: {exc}") from None
         return ref
 
     def check(self, now: float | None = None) -> None:
@@ -152,8 +153,8 @@ def _checksum(parts: list[Any]) -> str:
 
 
 def _header(ref: KVRef) -> bytes:
-    fields = {k: v for k, v in ref.to_dict().items() if k in _HEADER_FIELDS}
-    body = json.dumps(fields, sort_keys=True).encode()
+    """The blob's header is the whole reference: any edited field is a mismatch."""
+    body = json.dumps(ref.to_dict(), sort_keys=True).encode()
     return MAGIC + struct.pack("<I", len(body)) + body
 
 

@@ -69,6 +69,10 @@ def _prompt(value: object) -> str:
         raise InvalidRequest("prompt is empty")
     if len(value) > MAX_PROMPT_CHARS:
         raise InvalidRequest(f"prompt has {len(value)} characters; the limit is {MAX_PROMPT_CHARS}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"prompt is not valid Unicode text (at character {exc.start})") from None
     return value
 
 

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 END_RETENTION_S = 600  # a finished stream stays readable this long after its end
 EXPIRED_RETENTION_S = 60  # the error entry of an expired request: long enough for a reader to see
+WRITE_RETRY_PAUSES_S = (0.1, 0.3, 1.0, 2.0)  # a Redis blip or restart is ridden out, not lost
 WAKE_KEY_TTL_S = 3600  # a client's private wake-up streams vanish this long after its last use
 
 # KEYS[1] = stream (entries 0-<seq+1>, field d = JSON; the final entry also has end = 1)
@@ -140,6 +141,9 @@ class OutputWriter:
         payloads = [(seq, json.dumps(data)) for seq, data in items]
         with self._lock:
             inline = not self._outstanding.get(key)
+            lost = self._failed.pop(key, None)
+        if lost is not None:  # a chunk of this request could not be written: never end with a gap
+            raise BrokerUnavailable(f"output stream {key} lost a write: {lost}")
         if inline:
             args: list[Any] = [int(ttl_s * 1000)]
             for seq, payload in payloads:
@@ -192,19 +196,26 @@ class OutputWriter:
                 calls[-1].append(item)
             else:
                 calls.append([item])
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for members in calls:
-                args: list[Any] = [members[-1].ttl_ms]
-                for member in members:
-                    for seq, payload in member.items:
-                        args.extend((seq, payload))
-                args.append("1" if members[-1].final else "0")
-                self._script(keys=[members[0].key], args=args, client=pipe)
-            replies = pipe.execute()
-        except redis.RedisError as exc:
-            logger.error("output stream write failed: %s", exc)
-            replies = [exc] * len(calls)
+        replies: list[Any] = []
+        for attempt, pause_s in enumerate((*WRITE_RETRY_PAUSES_S, None)):
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                for members in calls:
+                    args: list[Any] = [members[-1].ttl_ms]
+                    for member in members:
+                        for seq, payload in member.items:
+                            args.extend((seq, payload))
+                    args.append("1" if members[-1].final else "0")
+                    self._script(keys=[members[0].key], args=args, client=pipe)
+                replies = pipe.execute()
+                break
+            except redis.RedisError as exc:  # appends are idempotent: a retry cannot duplicate
+                if pause_s is None:
+                    logger.error("output stream write failed after %d tries: %s", attempt + 1, exc)
+                    replies = [exc] * len(calls)
+                    break
+                logger.warning("output stream write failed (%s); retrying in %.1fs", exc, pause_s)
+                time.sleep(pause_s)
         for members, reply in zip(calls, replies):
             for member in members:
                 if isinstance(reply, Exception):

@@ -29,6 +29,19 @@ _OPTIONS: dict[str, Any] = {
 }
 
 
+class FDTask(Task):
+    """The base of fd tasks: a request field named ``self`` would collide with Celery's own
+    ``Task.__call__(self, ...)`` before any check of ours ran; refuse it here, clearly."""
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        if "self" in kwargs:
+            raise InvalidRequest("unknown request field(s) ['self']")
+        return super().__call__(*args, **kwargs)
+
+
+_OPTIONS["base"] = FDTask
+
+
 @shared_task(name="fd.generate", **_OPTIONS)
 def generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Generate text for one request on this node (prefill and decode)."""
