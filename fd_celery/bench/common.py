@@ -31,7 +31,7 @@ def bar_plot(out_dir: str, name: str, title: str, labels: list[str], values: lis
         return None
     fig, ax = plt.subplots(figsize=(7, 3.6))
     bars = ax.bar(labels, values, color=["#2b6cb0", "#63b3ed", "#a0aec0", "#718096"][: len(values)])
-    ax.bar_label(bars, fmt="%.0f")
+    ax.bar_label(bars, fmt="%.3g")
     ax.set_ylabel(unit)
     ax.set_title(title)
     fig.tight_layout()
