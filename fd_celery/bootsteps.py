@@ -255,7 +255,37 @@ class _RedactResults(logging.Filter):
         return True
 
 
+class _RedactRejectedMessages(logging.Filter):
+    """Celery logs the full body and headers of a message it cannot handle (unknown task,
+    undecodable body, no task header): for fd queues that is a prompt. Keep the error, log the
+    sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from celery.worker.consumer import consumer as c
+
+        # template -> positions of its arguments that carry message contents
+        self.contents = {
+            c.UNKNOWN_FORMAT: (0,),
+            c.UNKNOWN_TASK_ERROR: (1, 2),
+            c.INVALID_TASK_ERROR: (1,),
+            c.MESSAGE_DECODE_ERROR: (3, 4),
+        }
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        positions = self.contents.get(record.msg) if isinstance(record.msg, str) else None
+        if positions and isinstance(record.args, tuple):
+            args = list(record.args)
+            for i in positions:
+                if i < len(args):
+                    args[i] = f"<{len(str(args[i]))} chars redacted>"
+            record.args = tuple(args)
+        return True
+
+
 def _install_log_redaction() -> None:
-    trace_logger = logging.getLogger("celery.app.trace")
-    if not any(isinstance(f, _RedactResults) for f in trace_logger.filters):
-        trace_logger.addFilter(_RedactResults())
+    for name, kind in (("celery.app.trace", _RedactResults),
+                       ("celery.worker.consumer.consumer", _RedactRejectedMessages)):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in target.filters):
+            target.addFilter(kind())
