@@ -123,7 +123,7 @@ class RequestHandle:
         self._async = async_result
         self._deadline = deadline
         self._final: dict[str, Any] | None = None
-        self._redis = redis_for(client.config)
+        self._redis = client._redis
         self._key = output_stream(client.config.scheduler_topic, async_result.id)
 
     @property

@@ -14,7 +14,9 @@ died half-way, this one computes again (the engine is exact) but writes only wha
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -25,7 +27,7 @@ from typing import Any
 import redis
 from celery import Celery, Task, states
 
-from . import admission, kvstore, loadtable
+from . import admission, keys, kvstore, loadtable
 from .app import get_config, get_node_settings
 from .config import SchedulerConfig
 from .connection import redis_errors, redis_for
@@ -417,14 +419,11 @@ def _hand_off(
 
 def _store_for(run: _Run, decode_node: str) -> str:
     """Shared memory when the decode node is on this host, Redis otherwise (or as configured)."""
-    import json
-    import os
-
     forced = os.environ.get("FD_KV_STORE", "auto")
     if forced in kvstore.STORES:
         return forced
     with redis_errors(run.config):
-        raw = run.client.hget(f"fd:{run.config.scheduler_topic}:node:{decode_node}", "host")
+        raw = run.client.hget(keys.node_hash(run.config.scheduler_topic, decode_node), "host")
     same_host = raw is not None and json.loads(raw) == socket.gethostname()
     return "shm" if same_host and os.path.isdir(kvstore.SHM_DIR) else "redis"
 

@@ -13,6 +13,8 @@ Layout (``T`` = ``scheduler_topic``; nodes of different topics share nothing)::
     fd:T:stolen:<req id>    string  the node a request was stolen from (expires with the TTL)
     fd:T:kv:<blob name>     string  a KV blob in the Redis store (expires with the TTL)
     fd:T:kvheld             hash    blob location -> "owner|bytes|expires": KV bytes nodes hold
+    fd:T:metrics:<name>     hash    Prometheus counters and histogram buckets, by node
+    fd:T:wake:<client>:<i>  stream  wakes a client's reader thread i when it follows a new stream
 
 Celery queues (kombu keeps each as a Redis list of the same name)::
 
@@ -34,6 +36,10 @@ __all__ = [
     "shard_of",
     "steals_hash",
     "stolen_marker",
+    "kv_blob",
+    "kv_held",
+    "metrics_hash",
+    "wake_prefix",
     "role_queue",
     "node_queue",
     "check_request_id",
@@ -87,6 +93,22 @@ def steals_hash(topic: str) -> str:
 
 def stolen_marker(topic: str, request_id: str) -> str:
     return f"fd:{topic}:stolen:{request_id}"
+
+
+def kv_blob(topic: str, name: str) -> str:
+    return f"fd:{topic}:kv:{name}"
+
+
+def kv_held(topic: str) -> str:
+    return f"fd:{topic}:kvheld"
+
+
+def metrics_hash(topic: str, name: str) -> str:
+    return f"fd:{topic}:metrics:{name}"
+
+
+def wake_prefix(topic: str, client_id: str) -> str:
+    return f"fd:{topic}:wake:{client_id}"
 
 
 def role_queue(topic: str, role: str) -> str:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from . import keys
 from .errors import KVRefError
 from .keys import check_request_id
 
@@ -127,8 +128,12 @@ def _location(ref: KVRef) -> str:
         raise KVRefError(f"KV reference has an invalid topic {ref.topic!r}")
     if not isinstance(ref.token, str) or not _TOKEN_RE.fullmatch(ref.token):
         raise KVRefError("KV reference has an invalid token")
-    name = _blob_name(ref.topic, ref.request_id, ref.token)
-    return name if ref.kind == "shm" else f"fd:{ref.topic}:kv:{name}"
+    return _blob_location(ref.kind, ref.topic, _blob_name(ref.topic, ref.request_id, ref.token))
+
+
+def _blob_location(kind: str, topic: str, name: str) -> str:
+    """A blob's location in its store: the tmpfs file name, or the Redis key."""
+    return name if kind == "shm" else keys.kv_blob(topic, name)
 
 
 def _checksum(parts: list[Any]) -> str:
@@ -173,7 +178,7 @@ def put(
     token = secrets.token_hex(16)
     name = _blob_name(topic, request_id, token)
     ref = KVRef(
-        kind=kind, location=name if kind == "shm" else f"fd:{topic}:kv:{name}", topic=topic,
+        kind=kind, location=_blob_location(kind, topic, name), topic=topic,
         request_id=request_id,
         token=token, dtype=dtypes.pop(), shapes=tuple(tuple(t.shape) for t in tensors),
         num_tokens=cache.num_tokens, nbytes=sum(p.nbytes for p in raw), checksum=_checksum(raw),
@@ -189,25 +194,21 @@ def put(
     else:
         raise KVRefError(f"unknown KV store {kind!r}; known: {', '.join(STORES)}")
     if client is not None:
-        client.hset(_index_key(topic), ref.location, f"{owner}|{ref.nbytes}|{ref.expires_at}")
+        client.hset(keys.kv_held(topic), ref.location, f"{owner}|{ref.nbytes}|{ref.expires_at}")
     return ref
-
-
-def _index_key(topic: str) -> str:
-    return f"fd:{topic}:kvheld"
 
 
 def bytes_held(client: redis.Redis, topic: str) -> dict[str, int]:
     """KV bytes each node's blobs hold in the stores now (expired entries are not counted)."""
     held: dict[str, int] = {}
     now = time.time()
-    for location, value in client.hgetall(_index_key(topic)).items():
+    for location, value in client.hgetall(keys.kv_held(topic)).items():
         owner, _, rest = value.decode().partition("|")
         nbytes, _, expires = rest.partition("|")
         if float(expires) > now:
             held[owner] = held.get(owner, 0) + int(nbytes)
         else:
-            client.hdel(_index_key(topic), location)
+            client.hdel(keys.kv_held(topic), location)
     return held
 
 
@@ -243,7 +244,7 @@ def take(ref: KVRef, device: str, client: redis.Redis | None = None) -> KVCache:
     """
     ref.check()
     if client is not None:
-        client.hdel(_index_key(ref.topic), ref.location)
+        client.hdel(keys.kv_held(ref.topic), ref.location)
     if ref.kind == "shm":
         buffer = _take_shm(ref.location)
     else:
@@ -304,7 +305,7 @@ def _decode_blob(ref: KVRef, buffer: Any, device: str) -> KVCache:
 def discard(ref: KVRef, client: redis.Redis | None = None) -> None:
     """Release a blob nobody will load (the hand-off failed)."""
     if client is not None:
-        client.hdel(_index_key(ref.topic), ref.location)
+        client.hdel(keys.kv_held(ref.topic), ref.location)
     if ref.kind == "shm":
         try:
             os.unlink(os.path.join(SHM_DIR, ref.location))

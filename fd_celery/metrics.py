@@ -62,7 +62,7 @@ _MAX_LABEL = 128
 
 
 def metrics_key(topic: str, name: str) -> str:
-    return f"fd:{topic}:metrics:{name}"
+    return keys.metrics_hash(topic, name)
 
 
 def _label(value: object) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 import redis
 
+from . import keys
 from .errors import BrokerUnavailable
 
 __all__ = ["OutputWriter", "StreamReaders", "StreamEntry", "last_entry", "END_RETENTION_S"]
@@ -104,7 +105,6 @@ class OutputWriter:
     """Writer threads that batch stream appends. One per process; start lazily after a fork."""
 
     def __init__(self, client: redis.Redis, parallel: int, batch_size: int) -> None:
-        self._client = client
         self.client = client
         self._batch_size = batch_size
         self._script = client.register_script(_APPEND)
@@ -199,7 +199,7 @@ class OutputWriter:
         replies: list[Any] = []
         for attempt, pause_s in enumerate((*WRITE_RETRY_PAUSES_S, None)):
             try:
-                pipe = self._client.pipeline(transaction=False)
+                pipe = self.client.pipeline(transaction=False)
                 for members in calls:
                     args: list[Any] = [members[-1].ttl_ms]
                     for member in members:
@@ -296,7 +296,7 @@ class StreamReaders:
 
     def __init__(self, client: redis.Redis, parallel: int, batch_size: int, topic: str, block_ms: int) -> None:
         self.client, self.batch_size, self.block_ms = client, batch_size, block_ms
-        self.wake_prefix = f"fd:{topic}:wake:{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.wake_prefix = keys.wake_prefix(topic, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
         self._slots = [_ReaderSlot(self, i) for i in range(parallel)]
 
     def _slot(self, key: str) -> _ReaderSlot:
