@@ -30,6 +30,7 @@ DEFAULT_DEVICE = "cpu"
 # the visibility timeout, which must exceed the TTL plus this, or a slow request runs twice.
 MAX_RUN_S = 3600
 UNACKED_RESTORE_INTERVAL_S = 5
+DEAD_LETTER_TRANSPORT = "fd_celery.deadletter:Transport"
 # Celery's own ``expires`` is a backstop behind our exact TTL check at execution.
 EXPIRES_BACKSTOP_GRACE_S = 5.0
 
@@ -128,6 +129,7 @@ def _configure_celery(app: Celery, config: SchedulerConfig) -> None:
     # timeout rather than by the sweep.
     transport.setdefault("unacked_restore_interval", UNACKED_RESTORE_INTERVAL_S)
     transport.setdefault("unacked_restore_throttle", 1)
+    _screen_broker_messages(conf, transport, config)
     conf.broker_transport_options = transport
     from .routing import route_task
 
@@ -135,6 +137,19 @@ def _configure_celery(app: Celery, config: SchedulerConfig) -> None:
     routes = [] if routes is None else list(routes) if isinstance(routes, (list, tuple)) else [routes]
     if route_task not in routes:
         conf.task_routes = (route_task, *routes)
+
+
+def _screen_broker_messages(conf: Any, transport: dict[str, Any], config: SchedulerConfig) -> None:
+    """On a Redis broker, use kombu's Redis transport with fd_celery's screening channel: an
+    item in a queue that is not a readable message is dead-lettered instead of killing the
+    worker (see :mod:`fd_celery.deadletter`). Another broker, or a transport the app chose, is
+    left alone."""
+    from . import keys
+
+    scheme = str(conf.broker_url or "").split("://", 1)[0]
+    if conf.broker_transport in (None, "redis", "rediss", DEAD_LETTER_TRANSPORT) and scheme in ("redis", "rediss"):
+        conf.broker_transport = DEAD_LETTER_TRANSPORT
+        transport["fd_dead_letters"] = keys.dead_letter_list(config.scheduler_topic)
 
 
 def _register_tasks(app: Celery, config: SchedulerConfig) -> None:

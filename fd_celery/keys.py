@@ -15,6 +15,7 @@ Layout (``T`` = ``scheduler_topic``; nodes of different topics share nothing)::
     fd:T:kvheld             hash    blob location -> "owner|bytes|expires": KV bytes nodes hold
     fd:T:metrics:<name>     hash    Prometheus counters and histogram buckets, by node
     fd:T:wake:<client>:<i>  stream  wakes a client's reader thread i when it follows a new stream
+    fd:T:dead               list    messages a node refused (see :mod:`fd_celery.deadletter`)
 
 Celery queues (kombu keeps each as a Redis list of the same name)::
 
@@ -40,6 +41,7 @@ __all__ = [
     "kv_held",
     "metrics_hash",
     "wake_prefix",
+    "dead_letter_list",
     "role_queue",
     "node_queue",
     "check_request_id",
@@ -109,6 +111,10 @@ def metrics_hash(topic: str, name: str) -> str:
 
 def wake_prefix(topic: str, client_id: str) -> str:
     return f"fd:{topic}:wake:{client_id}"
+
+
+def dead_letter_list(topic: str) -> str:
+    return f"fd:{topic}:dead"
 
 
 def role_queue(topic: str, role: str) -> str:

@@ -31,7 +31,10 @@ _OPTIONS: dict[str, Any] = {
 
 class FDTask(Task):
     """The base of fd tasks: a request field named ``self`` would collide with Celery's own
-    ``Task.__call__(self, ...)`` before any check of ours ran; refuse it here, clearly."""
+    ``Task.__call__(self, ...)`` before any check of ours ran; refuse it here, clearly. A message
+    whose body Celery could not unpack is refused before Celery tries (the strategy)."""
+
+    Strategy = "fd_celery.deadletter:guarded_strategy"
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         if "self" in kwargs:

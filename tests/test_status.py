@@ -76,6 +76,22 @@ def test_lists_exactly_the_live_nodes_of_the_session_cluster(redis_server, clust
     assert lines[2].startswith(cluster.workers[0].node)
 
 
+def test_shows_how_many_messages_the_nodes_refused(redis_server, cluster):
+    """A message no node can read (here: bytes that are not JSON) lands on the topic's
+    dead-letter list, and ``fd status`` says so and where."""
+    r = redis_server.client()
+    dead = keys.dead_letter_list(TOPIC)
+    before = r.llen(dead)
+    r.lpush(keys.node_queue(TOPIC, "mixed", cluster.workers[0].node), b"\x00 not a message")
+    deadline = time.monotonic() + 20
+    while r.llen(dead) == before:
+        assert time.monotonic() < deadline, "the unreadable message was not dead-lettered"
+        time.sleep(0.1)
+    assert status(redis_server.port, TOPIC)["dead_letters"] == before + 1
+    table = fd_cmd(redis_server.port, TOPIC, "status").stdout
+    assert f"refused messages: {before + 1} in Redis list {dead}" in table
+
+
 def test_a_node_on_paper_shows_its_queue_and_load_then_expires(redis_server):
     """A registry entry whose queue holds 3 messages and whose process does not exist."""
     topic = f"paper-{uuid.uuid4().hex[:6]}"

@@ -20,7 +20,7 @@ from .. import kvstore, loadtable
 from ..app import get_config
 from ..connection import redis_errors, redis_for
 from ..errors import FDCeleryError
-from ..keys import steals_hash
+from ..keys import dead_letter_list, steals_hash
 from ..metrics import queue_depths, shared_queue_depths
 from ..registry import live_nodes
 
@@ -71,10 +71,14 @@ def status(ctx: click.Context, as_json: bool) -> None:
     waiting = {role: n for role, n in report["shared_queues"].items() if n}
     if waiting:
         click.echo("waiting in topic-wide queues: " + ", ".join(f"{role} {n}" for role, n in waiting.items()))
+    if report["dead_letters"]:
+        click.echo(f"refused messages: {report['dead_letters']} in Redis list "
+                   f"{dead_letter_list(config.scheduler_topic)} (newest first; see fd_celery.deadletter)")
 
 
 def collect_status(client: Any, config: Any) -> dict[str, Any]:
-    """What ``fd status`` shows: ``{"topic", "nodes": [row, ...], "shared_queues": {role: n}}``."""
+    """What ``fd status`` shows: ``{"topic", "nodes": [row, ...], "shared_queues": {role: n},
+    "dead_letters": n}``."""
     topic = config.scheduler_topic
     nodes = live_nodes(client, config)
     depths = queue_depths(client, topic, [(n.name, n.role) for n in nodes])
@@ -97,7 +101,8 @@ def collect_status(client: Any, config: Any) -> dict[str, Any]:
             kv_bytes=held.get(info.name, 0),
         )
         rows.append(row)
-    return {"topic": topic, "nodes": rows, "shared_queues": shared_queue_depths(client, topic)}
+    return {"topic": topic, "nodes": rows, "shared_queues": shared_queue_depths(client, topic),
+            "dead_letters": int(client.llen(dead_letter_list(topic)))}
 
 
 def _int(value: Any) -> int:
