@@ -16,7 +16,7 @@ from typing import Any
 import click
 from celery import Celery, signals
 
-from .config import SchedulerConfig
+from .config import RedisTLS, SchedulerConfig
 from .errors import ConfigError
 
 __all__ = ["install", "get_config", "get_node_settings", "NodeSettings", "ROLE_CHOICES"]
@@ -84,6 +84,8 @@ def install(app: Celery, config: SchedulerConfig | None = None, **overrides: Any
         config = SchedulerConfig.from_sources(app_conf=dict(app.conf), overrides=overrides)
     elif overrides:
         config = config.replace(**overrides)
+    if config.tls is None:
+        config = config.with_tls(RedisTLS.from_celery(app.conf))
     _apply_config(app, config)
     _configure_celery(app, config)
     _register_tasks(app, config)

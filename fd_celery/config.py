@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["SchedulerConfig", "SCHEDULER_NAMES", "ENV_PREFIX", "parse_duration"]
+__all__ = ["SchedulerConfig", "RedisTLS", "SCHEDULER_NAMES", "ENV_PREFIX", "parse_duration"]
 
 SCHEDULER_NAMES = ("local", "global", "splitwise")
 ENV_PREFIX = "FD_"
@@ -142,6 +142,81 @@ def _topic(name: str, value: object) -> str:
     return value
 
 
+_CERT_REQS = {"required": "required", "optional": "optional", "none": "none",
+              "cert_required": "required", "cert_optional": "optional", "cert_none": "none"}
+
+
+@dataclass(frozen=True)
+class RedisTLS:
+    """TLS to the scheduler's Redis, taken from the app's own Celery TLS settings (see
+    :meth:`from_celery`): no ``scheduler_*`` parameter of its own, so one setting secures broker,
+    result backend and the scheduler alike."""
+
+    cert_reqs: str = "required"
+    ca_certs: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def __post_init__(self) -> None:
+        reqs = _CERT_REQS.get(str(self.cert_reqs).lower())
+        if reqs is None:
+            import ssl
+
+            reqs = {ssl.CERT_REQUIRED: "required", ssl.CERT_OPTIONAL: "optional", ssl.CERT_NONE: "none"}.get(
+                self.cert_reqs)  # type: ignore[call-overload]
+        if reqs is None:
+            raise ConfigError(f"ssl_cert_reqs={self.cert_reqs!r} is invalid; allowed: required, optional, none")
+        object.__setattr__(self, "cert_reqs", reqs)
+        for name in ("ca_certs", "certfile", "keyfile"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"ssl_{name} must be a file path (got {type(value).__name__})")
+
+    def query(self) -> str:
+        """The ``ssl_*`` query of a ``rediss://`` URL (what redis-py, kombu and Celery read)."""
+        from urllib.parse import urlencode
+
+        pairs = [("ssl_cert_reqs", self.cert_reqs)]
+        pairs += [(f"ssl_{n}", v) for n in ("ca_certs", "certfile", "keyfile") if (v := getattr(self, n))]
+        return urlencode(pairs, safe="/")
+
+    @classmethod
+    def from_celery(cls, conf: Mapping[str, Any]) -> RedisTLS | None:
+        """``broker_use_ssl`` (or ``redis_backend_use_ssl``): ``True`` or Celery's dict of
+        ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``; else the ``ssl_*``
+        query of a ``rediss://`` broker URL or result backend; else None (plain TCP)."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        for setting in ("broker_use_ssl", "redis_backend_use_ssl"):
+            use = conf.get(setting)
+            if use is True:
+                return cls()
+            if isinstance(use, Mapping) and use:
+                return cls._from_options(dict(use), setting)
+        for setting in ("broker_url", "result_backend"):
+            # Celery's Settings read CELERY_BROKER_URL / CELERY_RESULT_BACKEND in the attribute only.
+            url = getattr(conf, setting, None) or conf.get(setting)
+            if isinstance(url, str) and url.startswith("rediss://"):
+                return cls._from_options(dict(parse_qsl(urlsplit(url).query)), setting)
+        return None
+
+    @classmethod
+    def _from_options(cls, options: dict[str, Any], source: str) -> RedisTLS:
+        known = {"ssl_cert_reqs": "cert_reqs", "ssl_ca_certs": "ca_certs", "ssl_certfile": "certfile",
+                 "ssl_keyfile": "keyfile"}
+        values = {known[k]: v for k, v in options.items() if k in known and v is not None}
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+def _tls(name: str, value: object) -> RedisTLS | None:
+    if value is not None and not isinstance(value, RedisTLS):
+        raise ConfigError(f"{name} must be a RedisTLS or None (got {type(value).__name__})")
+    return value
+
+
 def _param(default: Any, parse: Callable[[str, Any], Any], doc: str) -> Any:
     return field(default=default, metadata={"parse": parse, "doc": doc})
 
@@ -187,6 +262,9 @@ class SchedulerConfig:
     scheduler_writer_batch_size: int = _param(
         200, _integer(1, 100_000), "most output entries written per batch"
     )
+    #: Not a scheduler parameter: TLS follows the app's Celery settings (``RedisTLS.from_celery``).
+    tls: RedisTLS | None = field(default=None, compare=True, metadata={
+        "parse": _tls, "doc": "TLS to Redis, from the app's Celery settings", "param": False})
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -219,7 +297,12 @@ class SchedulerConfig:
     def redis_url(self) -> str:
         """The Redis URL that broker and result backend default to."""
         auth = f":{_quote(self.scheduler_password)}@" if self.scheduler_password else ""
-        return f"redis://{auth}{self._url_host}:{self.scheduler_port}/{self.scheduler_db}"
+        query = f"?{self.tls.query()}" if self.tls else ""
+        return f"{self._scheme}://{auth}{self._url_host}:{self.scheduler_port}/{self.scheduler_db}{query}"
+
+    @property
+    def _scheme(self) -> str:
+        return "rediss" if self.tls else "redis"
 
     @property
     def _url_host(self) -> str:
@@ -228,18 +311,22 @@ class SchedulerConfig:
     def redacted_url(self) -> str:
         """``redis_url`` with the password masked, for logs and errors."""
         auth = ":***@" if self.scheduler_password else ""
-        return f"redis://{auth}{self._url_host}:{self.scheduler_port}/{self.scheduler_db}"
+        return f"{self._scheme}://{auth}{self._url_host}:{self.scheduler_port}/{self.scheduler_db}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The scheduler parameters by name (TLS, which follows the app, is not one)."""
+        return {name: getattr(self, name) for name in self.names()}
 
     def replace(self, **changes: Any) -> SchedulerConfig:
         check_names(changes, "keyword argument")
         return dataclasses.replace(self, **changes)
 
+    def with_tls(self, tls: RedisTLS | None) -> SchedulerConfig:
+        return dataclasses.replace(self, tls=tls)
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("param", True))
 
     @classmethod
     def describe(cls, name: str) -> str:

@@ -85,7 +85,7 @@ def _kind(value: Any) -> str:
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel, screening each item a BRPOP returns before it becomes a message."""
 
-    from_transport_options = kombu_redis.Channel.from_transport_options + (OPTION,)
+    from_transport_options = kombu_redis.Channel.from_transport_options + (OPTION,)  # type: ignore[assignment]
     fd_dead_letters = "fd:dead"
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -107,7 +107,7 @@ class Channel(kombu_redis.Channel):
                 self.connection._deliver(payload, queue)
             return True
         finally:
-            self._in_poll = None
+            self._in_poll = None  # type: ignore[assignment]
             flush = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.7
             if flush is not None:
                 flush()
@@ -195,8 +195,9 @@ def _refuse(app: Any, message: Any, problem: str) -> None:
     item = json.dumps(raw) if isinstance(raw, dict) else bytes(message.body or b"")
     config = get_config(app)
     dead_letter(redis_for(config), dead_letter_list(config.scheduler_topic), queue, problem, item)
+    raw_id = headers.get("id")
     try:
-        task_id = check_request_id(headers.get("id"))
+        task_id = check_request_id(raw_id if isinstance(raw_id, str) else "")
     except Exception:  # noqa: BLE001 - no usable id: nobody can be waiting for a result
         return
     app.backend.mark_as_failure(task_id, InvalidRequest(f"malformed message: {problem}"))

@@ -647,3 +647,40 @@ def test_worker_started_with_cli_topic(redis_server):
     finally:
         cluster.close()
     assert redis_server.client().ping()  # the session's Redis is not the cluster's to stop
+
+
+# --------------------------------------------------------------------------- TLS follows the app
+
+
+@pytest.mark.parametrize(("conf", "expected"), [
+    ({}, None),
+    ({"broker_use_ssl": True}, "ssl_cert_reqs=required"),
+    ({"broker_use_ssl": {"ssl_cert_reqs": "none"}}, "ssl_cert_reqs=none"),
+    ({"redis_backend_use_ssl": {"ssl_cert_reqs": "CERT_OPTIONAL", "ssl_ca_certs": "/etc/ca.pem"}},
+     "ssl_cert_reqs=optional&ssl_ca_certs=/etc/ca.pem"),
+    ({"broker_url": "rediss://h:1/0?ssl_cert_reqs=required&ssl_ca_certs=/c.pem&ssl_certfile=/me.pem&ssl_keyfile=/k"},
+     "ssl_cert_reqs=required&ssl_ca_certs=/c.pem&ssl_certfile=/me.pem&ssl_keyfile=/k"),
+    ({"result_backend": "rediss://h:1/0?ssl_cert_reqs=none"}, "ssl_cert_reqs=none"),
+])
+def test_tls_to_redis_follows_the_apps_celery_settings(conf, expected):
+    """One TLS setting, Celery's own, secures broker, backend and the scheduler's connections:
+    the derived URLs become ``rediss://`` with the same ``ssl_*`` options; no new parameter."""
+    app = Celery("tls-conf", set_as_current=False)
+    app.conf.update(conf)
+    config = fd_celery.install(app, scheduler_password="s3cret", scheduler_port=6390)
+    assert len(SchedulerConfig.names()) == 17 and "tls" not in config.to_dict()
+    if expected is None:
+        assert config.tls is None and config.redis_url.startswith("redis://")
+        return
+    assert config.redis_url == f"rediss://:s3cret@127.0.0.1:6390/0?{expected}"
+    assert config.redacted_url() == "rediss://:***@127.0.0.1:6390/0"
+    derived = [s for s in ("broker_url", "result_backend") if s not in conf]
+    for setting in derived:
+        assert app.conf[setting] == config.redis_url
+
+
+def test_tls_with_a_bad_cert_reqs_names_the_setting():
+    app = Celery("tls-bad", set_as_current=False)
+    app.conf.broker_use_ssl = {"ssl_cert_reqs": "sometimes"}
+    with pytest.raises(ConfigError, match=r"broker_use_ssl: ssl_cert_reqs='sometimes' is invalid"):
+        fd_celery.install(app)

@@ -539,6 +539,34 @@ def test_raw_message_in_node_queue(redis_server, hostile_worker, hostile_client,
             hostile_client.app.AsyncResult(task_id).get(timeout=10)
 
 
+def test_random_raw_items_are_dead_lettered(redis_server, hostile_worker, hostile_client):
+    """Random bytes and random JSON (not envelopes), pushed in batches into a node's queue:
+    every item lands on the dead-letter list exactly once, as it was, and the worker serves a
+    normal request after each batch."""
+    r = redis_server.client()
+    queue = _node_queue(hostile_worker)
+    dead_key = keys.dead_letter_list(HOSTILE_TOPIC)
+    items = st.one_of(
+        st.binary(min_size=0, max_size=64),
+        JSON_VALUES.map(lambda v: json.dumps(v, allow_nan=True).encode()),
+        st.dictionaries(st.sampled_from(["body", "properties", "headers", "content-type"]), JSON_VALUES,
+                        max_size=4).map(lambda v: json.dumps(v, allow_nan=True).encode()),
+    )
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(batch=st.lists(items, min_size=1, max_size=8))
+    def run(batch: list[bytes]) -> None:
+        before = r.llen(dead_key)
+        for item in batch:
+            r.lpush(queue, item)
+        _assert_serves(hostile_client, hostile_worker)
+        assert r.llen(dead_key) - before == len(batch)
+        kept = [entry["item"] for entry in deadletter.dead_letters(r, dead_key, len(batch))]
+        assert sorted(kept) == sorted(batch)
+
+    run()
+
+
 def test_raw_kwarg_named_self_is_an_invalid_request(redis_server, hostile_worker, hostile_client, envelope_template):
     """Regression: a field named 'self' used to collide with the bound task's own argument in
     Celery's call (a bare TypeError, and no end in the stream)."""

