@@ -228,6 +228,13 @@ def _torch_threads() -> int:
     return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_TORCH_THREADS
 
 
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _close_kv_pool(**_: Any) -> None:
+    """Remove this process's idle shared-memory slot files (pool children and a solo worker)."""
+    kvstore.close_pool()
+
+
 @signals.worker_process_init.connect
 def _load_engine_in_child(**_: Any) -> None:
     """Load the model when a pool process starts, not on its first request."""

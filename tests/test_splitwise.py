@@ -9,12 +9,15 @@ Cluster (topic ``sw``): ``p1`` (prefill, KV store chosen automatically: shared m
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import torch
 from celery import Celery, states
 
 import fd_celery
@@ -166,9 +169,40 @@ def test_no_blob_is_left_after_200_requests(sw, sw_client, redis_server):
     handles = [sw_client.submit("leak check", max_tokens=3, seed=i) for i in range(200)]
     results = [h.result(timeout=120) for h in handles]
     assert len({r.request_id for r in results}) == 200
-    leftover_shm = [n for n in os.listdir(kvstore.SHM_DIR) if n.startswith(f"{kvstore.SHM_PREFIX}{TOPIC}-")]
+    files = [n for n in os.listdir(kvstore.SHM_DIR) if n.startswith(f"{kvstore.SHM_PREFIX}{TOPIC}-")]
+    # What may stay: the prefill processes' recycled files, idle under their free names.
+    leftover_shm = [n for n in files if not re.fullmatch(rf"{kvstore.SHM_PREFIX}{TOPIC}-free-[0-9a-f]{{16}}-\d+", n)]
     leftover_redis = redis_server.client().keys(f"fd:{TOPIC}:kv:*")
     assert leftover_shm == [] and leftover_redis == []
+    prefill_processes = sum(1 for w in sw.workers if w.alive() and w.node.startswith("p"))
+    assert len(files) <= kvstore.POOL_SLOTS * max(1, prefill_processes)
+
+
+def test_shm_slots_are_recycled_and_gone_when_the_nodes_stop(redis_server):
+    """Hand-offs through shared memory reuse the prefill process's files (one per blob in
+    flight, not one per request), and a node that stops takes its files with it."""
+    topic = f"sw-pool-{uuid.uuid4().hex[:6]}"
+    prefix = f"{kvstore.SHM_PREFIX}{topic}-"
+    env = {"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "splitwise"}
+    with LocalCluster(redis_server, env=env) as cluster:
+        nodes = [cluster.add_worker("pp", env={"FD_ROLE": "prefill"}).node,
+                 cluster.add_worker("dd", env={"FD_ROLE": "decode"}).node]
+        cluster.wait_live(nodes, topic=topic)
+        app = Celery("client-pool", set_as_current=False)
+        fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=topic, scheduler_name="splitwise")
+        client = fd_celery.Client(app)
+        seen: set[str] = set()
+        pools = set()
+        for i in range(12):
+            handle = client.submit(f"pool {i}", max_tokens=3, seed=i)
+            assert handle.result(timeout=60).served_by == tuple(nodes)
+            ref = handle.async_result.get(timeout=10)
+            assert ref["kind"] == "shm" and ref["pool"]
+            pools.add(ref["pool"])
+            seen.update(n for n in os.listdir(kvstore.SHM_DIR) if n.startswith(prefix))
+        assert seen and all("-free-" in n for n in seen), seen
+        assert len(seen) == 1 and seen == pools, f"one request at a time should use one recycled file, saw {sorted(seen)}"
+    assert [n for n in os.listdir(kvstore.SHM_DIR) if n.startswith(prefix)] == []
 
 
 def test_decode_node_killed_mid_request_still_completes(sw, sw_client, engine, redis_server):
@@ -192,3 +226,54 @@ def test_decode_node_killed_mid_request_still_completes(sw, sw_client, engine, r
         assert list(result.token_ids) == reference_tokens(engine, "survive", 900, 0.0, i)
         assert result.served_by[1] in {d1.node, d2.node}
     assert not d1.alive()
+
+
+# --------------------------------------------------------------------------- the shm store, in one process
+
+
+def _blob_cache(engine: Any, prompt: str = "pool slots in one process") -> Any:
+    cache, _ = engine.prefill(engine.encode(prompt), SamplingParams(0.0, 1))
+    return cache
+
+
+def _put_shm(cache: Any, request_id: str) -> kvstore.KVRef:
+    return kvstore.put(cache, kind="shm", topic="pool-unit", request_id=request_id, owner="p@h", host="h",
+                       ttl_s=60, first_token=0, prompt_tokens=cache.num_tokens)
+
+
+def test_shm_slot_lifecycle(engine):
+    """A pooled blob: taken once (a second take finds it missing), held while tensors built on
+    its pages live, back under its free name when they are gone, and reused by the next put."""
+    import gc
+
+    cache = _blob_cache(engine)
+    ref = _put_shm(cache, "pool-a")
+    free = os.path.join(kvstore.SHM_DIR, ref.pool)
+    assert ref.pool and not os.path.exists(free) and os.path.exists(os.path.join(kvstore.SHM_DIR, ref.location))
+    taken = kvstore.take(ref, "cpu")
+    for got, want in zip(taken.tensors(), cache.tensors()):
+        assert torch.equal(got, want)
+    with pytest.raises(KVRefError, match="missing"):
+        kvstore.take(ref, "cpu")
+    assert os.path.exists(free + "-held") and not os.path.exists(free)
+    inode = os.stat(free + "-held").st_ino
+    del taken, got
+    gc.collect()
+    assert os.path.exists(free) and not os.path.exists(free + "-held")
+    again = _put_shm(cache, "pool-b")
+    assert again.pool == ref.pool and os.stat(os.path.join(kvstore.SHM_DIR, again.location)).st_ino == inode
+    kvstore.discard(again)
+    assert os.path.exists(free)
+
+
+def test_shm_pool_name_cannot_leave_the_store(engine):
+    ref = _put_shm(_blob_cache(engine), "pool-c")
+    try:
+        for bad in ("../../tmp/x", "fdkv-other-free-0123456789abcdef-0", ref.pool + "/../x", "/dev/shm/" + ref.pool):
+            with pytest.raises(KVRefError, match="pool name"):
+                kvstore.KVRef.from_dict({**ref.to_dict(), "pool": bad})
+        edited = kvstore.KVRef.from_dict({**ref.to_dict(), "pool": ref.pool[:-1] + "9"})
+        with pytest.raises(KVRefError, match="does not match"):
+            kvstore.take(edited, "cpu")
+    finally:
+        kvstore.discard(ref)
