@@ -236,6 +236,21 @@ def _close_kv_pool(**_: Any) -> None:
 
 
 @signals.worker_process_init.connect
+def _close_kv_pool_on_sigterm(**_: Any) -> None:
+    """Celery gives pool children the default SIGTERM (die at once), and a service manager
+    signals every process of the worker: remove the slot files first, then die as before."""
+    import signal
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        kvstore.close_pool()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+@signals.worker_process_init.connect
 def _load_engine_in_child(**_: Any) -> None:
     """Load the model when a pool process starts, not on its first request."""
     if _worker_app is None:

@@ -203,6 +203,8 @@ def test_splitwise_demo_shows_prefill_then_decode(demos):
     assert len(rows) == 6, out
     assert all(re.match(r"\s+\d+\s+prefill1 > decode[12]\s", row) for row in rows), out
     assert "6 KV caches handed from prefill to decode" in out, out
+    # (only this demo hands KV caches over shared memory; its workers take their files with them)
+    assert [n for n in os.listdir("/dev/shm") if n.startswith("fdkv-demo-")] == [], "the demo left KV files"
 
 
 def test_ctrl_c_stops_every_process(demos, tmp_path):
