@@ -356,13 +356,16 @@ def run_prefill(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
         return _outcome(run.previous.data)  # type: ignore[union-attr]
 
     def work() -> dict[str, Any]:
-        request = _admitted(run, args, kwargs)
-        from .engine import SamplingParams, TextStreamer
+        try:
+            request = _admitted(run, args, kwargs)
+            from .engine import SamplingParams, TextStreamer
 
-        engine = engine_for(task.app)
-        prompt_ids = _prompt_ids(engine, request)
-        sampling = SamplingParams(request.temperature, seed_for(request, run.request_id))
-        cache, first = engine.prefill(prompt_ids, sampling)
+            engine = engine_for(task.app)
+            prompt_ids = _prompt_ids(engine, request)
+            sampling = SamplingParams(request.temperature, seed_for(request, run.request_id))
+            cache, first = engine.prefill(prompt_ids, sampling)
+        finally:
+            _release_prefill_charge(run)
         first_at = time.time()
         if first != engine.eos_token_id:
             run.out.chunk(TextStreamer(engine).push(first), (first,))
@@ -371,6 +374,19 @@ def run_prefill(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
         return _hand_off(run, request, engine, prompt_ids, cache, first, first_at)
 
     return _guarded(run, work)
+
+
+def _release_prefill_charge(run: _Run) -> None:
+    """The router charged this prefill's prompt tokens to the node it chose (``fd_charge``
+    header); the prefill work is over, so the tokens no longer weigh on that node."""
+    charge = run.task.request.get("fd_charge")
+    if not (isinstance(charge, list) and len(charge) == 2 and all(isinstance(c, str) for c in charge)):
+        return
+    try:
+        with redis_errors(run.config):
+            loadtable.release(run.client, run.config, charge[0], charge[1])
+    except Exception as exc:  # noqa: BLE001 - it is released after release_load_expire_period anyway
+        logger.warning("request %s: could not release its prefill charge: %s", run.request_id, exc)
 
 
 def _hand_off(

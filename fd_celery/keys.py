@@ -9,6 +9,8 @@ Layout (``T`` = ``scheduler_topic``; nodes of different topics share nothing)::
     fd:T:nodes              zset    node name -> last heartbeat (epoch ms)
     fd:T:node:<node>        hash    node facts: role, slots, model, device, host, pid, started_ms
     fd:T:load:<role>:<i>    zset    load table: node -> load score (shard i = crc32(node) % N)
+    fd:T:ptok:<node>        zset    prefill tokens charged to a node: "<request id>|<tokens>" ->
+                                    release deadline (epoch ms); removed when the prefill ends
     fd:T:steals             hash    "<node>:made" / "<node>:suffered" -> steal counters
     fd:T:stolen:<req id>    string  the node a request was stolen from (expires with the TTL)
     fd:T:kv:<blob name>     string  a KV blob in the Redis store (expires with the TTL)
@@ -34,6 +36,7 @@ __all__ = [
     "nodes_zset",
     "node_hash",
     "load_shard",
+    "prefill_ledger",
     "shard_of",
     "steals_hash",
     "stolen_marker",
@@ -81,6 +84,10 @@ def node_hash(topic: str, node: str) -> str:
 
 def load_shard(topic: str, role: str, shard: int) -> str:
     return f"fd:{topic}:load:{role}:{shard}"
+
+
+def prefill_ledger(topic: str, node: str) -> str:
+    return f"fd:{topic}:ptok:{node}"
 
 
 def shard_of(node: str, shards: int) -> int:

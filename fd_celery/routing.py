@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,7 +69,7 @@ def route_task(
     request = parse_request(kwargs if kwargs is not None else {})
     now = time.time()
     headers: dict[str, Any] = {"fd_submitted": now, "fd_deadline": now + config.ttl_s}
-    queue = _queue_for(config, name, request)
+    queue = _queue_for(config, name, request, headers)
     if config.scheduler_name == "local" and config.scheduler_max_size > 0:
         try:
             headers["fd_ticket"] = admission.admit(config, headers["fd_deadline"])
@@ -81,21 +82,26 @@ def route_task(
     return {"queue": queue, "headers": headers, "kwargsrepr": _redacted(request)}
 
 
-def _queue_for(config: SchedulerConfig, name: str, request: GenerateRequest) -> str:
+def _queue_for(config: SchedulerConfig, name: str, request: GenerateRequest, headers: dict[str, Any]) -> str:
     if request.node is not None:
         return _node_queue(config, request.node)
     topic = config.scheduler_topic
     if config.scheduler_name == "local":
         return keys.role_queue(topic, "mixed")
-    roles, blur = ("mixed",), 0.0
+    roles, blur, prefill = ("mixed",), 0.0, None
     if config.scheduler_name == "splitwise" and name == "fd.prefill":
         roles, blur = PREFILL_ROLES, PREFILL_BLUR
         _require_live(config, DECODE_ROLES, "decode")
+        # Weigh the prefill by its prompt (token ids, or UTF-8 bytes as the estimate for text).
+        prefill = (uuid.uuid4().hex, len(request.token_ids) if request.token_ids is not None
+                   else len((request.prompt or "").encode("utf-8", "replace")))
     with redis_errors(config):
-        placed = loadtable.place(redis_for(config), config, roles, blur)
+        placed = loadtable.place(redis_for(config), config, roles, blur, prefill=prefill)
     if placed is None:
         return keys.role_queue(topic, roles[0])
     node, role = placed
+    if prefill is not None:  # the prefill task releases it when it ends
+        headers["fd_charge"] = [node, loadtable.ledger_entry(*prefill)]
     return keys.node_queue(topic, role, node)
 
 

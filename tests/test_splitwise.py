@@ -95,6 +95,40 @@ def test_prefill_placement_uses_both_prefill_nodes(sw, sw_client):
     assert {r.served_by[0] for r in results} == {_worker(sw, "p1").node, _worker(sw, "p2").node}
 
 
+def test_prefill_placement_weighs_prompt_tokens_and_releases_them(redis_server):
+    """Two prefill nodes on paper (registry entries, real Redis, real scripts): a long prompt
+    weighs on its node until its prefill ends, so short prompts go to the other node; a charge
+    whose end never comes is released after scheduler_release_load_expire_period."""
+    from fd_celery import loadtable, registry
+
+    topic = f"sw-tokens-{uuid.uuid4().hex[:6]}"
+    config = fd_celery.SchedulerConfig(scheduler_port=redis_server.port, scheduler_topic=topic,
+                                       scheduler_name="splitwise", scheduler_release_load_expire_period=1)
+    r = redis_server.client()
+    nodes = ("pa@paper", "pb@paper")
+
+    def publish_all() -> dict[str, float]:
+        for node in nodes:
+            registry.register(r, config, node, {"role": "prefill", "slots": 1, "model": "fd-tiny", "device": "cpu"})
+            loadtable.publish(r, config, "prefill", node, running=0, slots=1,
+                              own_queue=keys.node_queue(topic, "prefill", node))
+        return loadtable.scores(r, config, "prefill")
+
+    assert publish_all() == {nodes[0]: 0.0, nodes[1]: 0.0}
+    big, _ = loadtable.place(r, config, ("prefill",), 0.5, prefill=("long", 4096))
+    other = nodes[1] if big == nodes[0] else nodes[0]
+    small = [loadtable.place(r, config, ("prefill",), 0.5, prefill=(f"short{i}", 16))[0] for i in range(6)]
+    assert small == [other] * 6, "short prompts went to the node busy with a 4096-token prompt"
+    scores = publish_all()  # from the truth: the ledgers
+    assert scores[big] == pytest.approx(4096 / loadtable.PREFILL_TOKEN_UNIT)
+    assert scores[other] == pytest.approx(6 * 16 / loadtable.PREFILL_TOKEN_UNIT)
+    loadtable.release(r, config, other, loadtable.ledger_entry("short0", 16))  # a prefill ended
+    assert publish_all()[other] == pytest.approx(5 * 16 / loadtable.PREFILL_TOKEN_UNIT)
+    time.sleep(1.2)  # scheduler_release_load_expire_period: the other ends never came
+    assert publish_all() == {nodes[0]: 0.0, nodes[1]: 0.0}
+    assert r.zcard(keys.prefill_ledger(topic, big)) == 0
+
+
 def _fake_prefill(sw_app: Celery, engine, request_id: str, store: str, **tamper) -> tuple[dict, kvstore.KVRef]:
     """A real blob and a real reference, as a prefill node writes them; then edited."""
     ids = engine.encode("tamper")
@@ -174,6 +208,8 @@ def test_no_blob_is_left_after_200_requests(sw, sw_client, redis_server):
     leftover_shm = [n for n in files if not re.fullmatch(rf"{kvstore.SHM_PREFIX}{TOPIC}-free-[0-9a-f]{{16}}-\d+", n)]
     leftover_redis = redis_server.client().keys(f"fd:{TOPIC}:kv:*")
     assert leftover_shm == [] and leftover_redis == []
+    charged = {k: redis_server.client().zrange(k, 0, -1) for k in redis_server.client().keys(f"fd:{TOPIC}:ptok:*")}
+    assert not any(charged.values()), f"prefill charges not released: {charged}"
     prefill_processes = sum(1 for w in sw.workers if w.alive() and w.node.startswith("p"))
     assert len(files) <= kvstore.POOL_SLOTS * max(1, prefill_processes)
 
