@@ -160,6 +160,8 @@ class _Run:
         if look_back:
             with redis_errors(config):
                 previous = last_entry(client, out.key)
+        backend, node = task.backend, str(task.request.hostname)  # task.request is this thread's
+        out.writer.defer(lambda: _mark_started(backend, client, request_id, node), key=out.key)
         return cls(task, config, client, request_id, out, previous, time.time())
 
     @property
@@ -171,6 +173,19 @@ class _Run:
             logger.info("request %s already ended in an earlier run; not running it again", self.request_id)
             return True
         return False
+
+
+def _mark_started(backend: Any, client: Any, request_id: str, node: str) -> None:
+    """Celery's STARTED state (what ``track_started`` would store), written by a writer thread
+    before any output of the request. ``NX``: it never replaces the state of a run that already
+    ended (SUCCESS or FAILURE stored first) nor an earlier run's STARTED. Callers see it as
+    ``AsyncResult.state``; ``RequestHandle`` counts on it to tell a request that started before
+    its deadline from one that never started."""
+    meta = {"status": states.STARTED, "result": {"pid": os.getpid(), "hostname": node},
+            "traceback": None, "children": [], "date_done": None, "task_id": request_id}
+    expires = backend.expires
+    client.set(backend.get_key_for_task(request_id), backend.encode(meta), nx=True,
+               ex=int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 86400))
 
 
 def _record_end(writer: OutputWriter, topic: str, node: str, end: dict[str, Any]) -> None:

@@ -166,9 +166,11 @@ class OutputWriter:
         assert pending.reply is not None
         return dict(json.loads(pending.reply))
 
-    def defer(self, work: Callable[[], None]) -> None:
-        """Run ``work`` on a writer thread, off the request's path (metrics, bookkeeping)."""
-        self._queues[0].put(work)  # type: ignore[arg-type]
+    def defer(self, work: Callable[[], None], key: str | None = None) -> None:
+        """Run ``work`` on a writer thread, off the request's path (metrics, bookkeeping). With
+        ``key``, on that stream's writer, in order with its writes: before any write queued
+        after it."""
+        (self._queue_for(key) if key is not None else self._queues[0]).put(work)  # type: ignore[arg-type]
 
     def _run(self, q: queue.SimpleQueue[_Pending]) -> None:
         while True:
@@ -178,15 +180,20 @@ class OutputWriter:
                     batch.append(q.get_nowait())
                 except queue.Empty:
                     break
-            deferred = [item for item in batch if callable(item)]
-            writes = [item for item in batch if not callable(item)]
-            if writes:
-                self._flush(writes)
-            for work in deferred:
+            writes: list[_Pending] = []
+            for item in batch:  # in queue order: writes batched up to each piece of work
+                if not callable(item):
+                    writes.append(item)
+                    continue
+                if writes:
+                    self._flush(writes)
+                    writes = []
                 try:
-                    work()
+                    item()
                 except Exception:
                     logger.exception("deferred work failed")
+            if writes:
+                self._flush(writes)
 
     def _flush(self, batch: list[_Pending]) -> None:
         # Consecutive entries of one request go in one script call; a final entry closes a call.

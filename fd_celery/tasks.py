@@ -23,7 +23,9 @@ _OPTIONS: dict[str, Any] = {
     # A request is acked when it ends, so a worker that dies mid-request gives it back.
     "acks_late": True,
     "reject_on_worker_lost": True,
-    "track_started": True,
+    # STARTED is recorded by fd_celery itself (execution._Run.open): off the request's path,
+    # without Celery's read-before-write and result-channel publish.
+    "track_started": False,
     # The caller's mistakes and expired requests are expected outcomes: logged without a traceback.
     "throws": (InvalidRequest, RequestExpired, QueueFull, NoNodeAvailable, KVRefError),
 }

@@ -107,3 +107,24 @@ def test_uninstalled_app_gets_a_clear_error(redis_server):
     with pytest.raises(fd_celery.ConfigError, match="install"):
         fd_celery.Client(Celery("bare", set_as_current=False))
     assert make_app(redis_server) is not None
+
+
+def test_backend_state_is_started_while_running_and_success_after(client):
+    """fd_celery records STARTED itself, off the request's path; it must never overwrite the
+    final state, even for one-token requests whose end is stored within a millisecond."""
+    import time
+
+    handles = [client.submit("state", max_tokens=1, seed=i) for i in range(20)]
+    for handle in handles:
+        handle.result(timeout=60)
+    deadline = time.monotonic() + 10
+    states = [h.async_result.state for h in handles]
+    while any(s != "SUCCESS" for s in states) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        states = [h.async_result.state for h in handles]
+    assert states == ["SUCCESS"] * 20
+    long = client.submit("state " * 5, max_tokens=200, seed=1)
+    first = next(iter(long.stream(timeout=60)))
+    assert first.token_ids and long.async_result.state == "STARTED"
+    assert long.async_result.info["hostname"] and long.async_result.info["pid"]
+    long.result(timeout=60)
