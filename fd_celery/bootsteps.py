@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import bootsteps, signals
 
-from . import keys, kvstore, loadtable, registry
+from . import keys, kvstore, loadtable, recovery, registry
 from .app import _NODE_ATTR, NodeSettings, get_config, get_node_settings
 from .connection import redis_for
 from .stealing import Thief
@@ -70,6 +70,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
         self.load_score = 0.0
         self.waiting = 0
         self.facts: dict[str, Any] = {}
+        self._held: list[str] | None = None  # delivery tags last published (see recovery)
 
     def start(self, worker: Any) -> None:
         app = worker.app
@@ -170,21 +171,46 @@ class FDWorkerStep(bootsteps.StartStopStep):
         if not known:  # Redis lost its data (restart without persistence, failover): join again
             logger.warning("node %s was missing from the registry; registering again", self.node)
             registry.register(client, config, self.node, self.facts)
+            self._held = None
+        held = _held_tags()
+        if held is not None and held != self._held:  # what another node gives back if this one dies
+            recovery.publish_held(client, config, self.node, held)
+            self._held = held
         return self.load_score, self.waiting
 
     def _heartbeat(self, app: Any) -> None:
         config = get_config(app)
         client = redis_for(config)
+        transport_options = dict(app.conf.broker_transport_options or {})
         next_sweep = time.monotonic()
+        # Judge others dead only after beating without a break for a whole expire period: after
+        # a Redis outage every heartbeat is stale, and the live nodes must get to beat again.
+        next_recovery = time.monotonic() + config.expire_period_s
         while not self._stop.wait(config.sync_period_s):
             try:
                 self._publish(client, config)
+                if time.monotonic() >= next_recovery:  # what dead nodes held goes back to the queues
+                    recovery.restore_dead_nodes(client, config, transport_options)
+                    next_recovery = time.monotonic() + recovery.INTERVAL_S
                 if time.monotonic() >= next_sweep:  # KV blobs whose request expired
                     kvstore.sweep_shm(config.ttl_s + SWEEP_GRACE_S)
                     next_sweep = time.monotonic() + SWEEP_INTERVAL_S
             except Exception as exc:
                 logger.warning("heartbeat failed: %s", exc)
                 self._stop.wait(min(1.0, config.expire_period_s / 2))
+                next_recovery = time.monotonic() + config.expire_period_s
+
+
+def _held_tags() -> list[str] | None:
+    """The delivery tags of the messages this worker holds (None: the set changed under us)."""
+    from celery.worker import state
+
+    try:
+        requests = list(state.reserved_requests)
+    except RuntimeError:  # changed size during iteration: next beat
+        return None
+    tags = (getattr(getattr(r, "message", None), "delivery_tag", None) for r in requests)
+    return sorted(t for t in tags if isinstance(t, str))
 
 
 def _requests_held() -> int:

@@ -1,0 +1,109 @@
+"""The requests of a dead node go back to their queue after ``scheduler_expire_period``.
+
+With late acks, a request that a worker held (running it, or received and about to run it) stays
+in kombu's ``unacked`` hash until the worker acks it. If the worker dies, kombu puts the message
+back only when the broker's visibility timeout has passed (``scheduler_ttl`` + 1 h by default, as
+it must exceed the longest request). fd_celery knows sooner: a node that has not heartbeat for
+``scheduler_expire_period`` is dead. So:
+
+* every node publishes, with its heartbeat, the delivery tags of the messages it holds (the
+  ``held`` field of its node hash, written when it changes);
+* every node, about once a second, looks for dead nodes of its topic with a ``held`` list, claims
+  the list (only one node gets it), and moves each message still in ``unacked`` back to the
+  queue it came from, first in line, as kombu itself restores it (``redelivered`` set).
+
+A request runs again from the start elsewhere; its output stream takes nothing twice, so the
+caller sees no repeat. A node that was only frozen (SIGSTOP) and comes back finds its request
+taken over: it finishes too, and its writes are no-ops. A message received in the last sync
+period before a node died is not yet in its list: that one waits for the visibility timeout.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis
+
+from . import keys, loadtable
+from .config import SchedulerConfig
+
+__all__ = ["publish_held", "restore_dead_nodes", "HELD_FIELD", "INTERVAL_S"]
+
+logger = logging.getLogger(__name__)
+
+HELD_FIELD = "held"
+INTERVAL_S = 1.0
+_PRIORITY_STEPS = (0, 3, 6, 9)  # kombu's Redis priority steps, one list each (loadtable.PRIORITY_SUFFIXES)
+
+# KEYS[1] = kombu's unacked hash, KEYS[2] = its index zset, KEYS[3] = the queue's list
+# ARGV[1] = delivery tag, ARGV[2] = the unacked entry as read, ARGV[3] = the message to requeue
+# Moves it only if nobody else did meanwhile (an ack, kombu's own restore, another node).
+_RESTORE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[3])
+return 1
+"""
+
+
+def publish_held(client: redis.Redis, config: SchedulerConfig, node: str, tags: Sequence[str]) -> None:
+    client.hset(keys.node_hash(config.scheduler_topic, node), HELD_FIELD, json.dumps(sorted(tags)))
+
+
+def restore_dead_nodes(client: redis.Redis, config: SchedulerConfig, transport_options: Mapping[str, Any]) -> int:
+    """Requeue what dead nodes of the topic held; returns how many messages went back."""
+    if transport_options.get("global_keyprefix"):
+        return 0  # kombu's keys are prefixed: leave its messages to the visibility timeout
+    topic = config.scheduler_topic
+    oldest = int(time.time() * 1000) - int(config.scheduler_expire_period)
+    dead = [name.decode() for name in client.zrangebyscore(keys.nodes_zset(topic), "-inf", f"({oldest}")]
+    if not dead:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for node in dead:
+        pipe.hget(keys.node_hash(topic, node), HELD_FIELD)
+    unacked = str(transport_options.get("unacked_key", "unacked"))
+    index = str(transport_options.get("unacked_index_key", "unacked_index"))
+    restored = 0
+    for node, raw in zip(dead, pipe.execute()):
+        if not raw or raw == b"[]":
+            continue
+        if not client.hdel(keys.node_hash(topic, node), HELD_FIELD):
+            continue  # another node claimed this list first
+        try:
+            tags = [t for t in json.loads(raw) if isinstance(t, str)]
+        except ValueError:
+            continue
+        count = sum(_restore(client, topic, unacked, index, tag) for tag in tags)
+        if count:
+            logger.warning("node %s is dead (no heartbeat for %gms): %d request(s) it held are back "
+                           "in their queues", node, config.scheduler_expire_period, count)
+        restored += count
+    return restored
+
+
+def _restore(client: redis.Redis, topic: str, unacked: str, index: str, tag: str) -> int:
+    entry = client.hget(unacked, tag)
+    if entry is None:
+        return 0  # acked, or restored already
+    try:
+        message, _exchange, routing_key = json.loads(entry)
+        properties = message["properties"]
+    except (ValueError, TypeError, KeyError):
+        return 0
+    if not isinstance(routing_key, str) or not routing_key.startswith(keys.role_queue(topic, "")):
+        return 0  # not one of this topic's queues: kombu's visibility timeout handles it
+    if isinstance(message.get("headers"), dict):
+        message["headers"]["redelivered"] = True
+    if isinstance(properties.get("delivery_info"), dict):
+        properties["delivery_info"]["redelivered"] = True
+    priority = properties.get("priority") or 0
+    step = bisect.bisect(_PRIORITY_STEPS, priority if isinstance(priority, int) else 0) - 1
+    queue = loadtable.queue_lists(routing_key)[max(0, step)]
+    return int(client.eval(_RESTORE, 3, unacked, index, queue, tag, entry, json.dumps(message)))
