@@ -255,10 +255,18 @@ def _torch_threads() -> int:
 
 
 @signals.worker_process_shutdown.connect
-@signals.worker_shutdown.connect
 def _close_kv_pool(**_: Any) -> None:
-    """Remove this process's idle shared-memory slot files (pool children and a solo worker)."""
+    """Remove this process's idle shared-memory slot files (a pool child)."""
     kvstore.close_pool()
+
+
+@signals.worker_shutdown.connect
+def _close_kv_pools(**_: Any) -> None:
+    """The worker's own slot files (a solo pool), and those its pool children left if they were
+    killed rather than stopped (their pids are gone by now)."""
+    kvstore.close_pool()
+    if _worker_app is not None:
+        kvstore.sweep_shm(get_config(_worker_app).ttl_s + SWEEP_GRACE_S)
 
 
 @signals.worker_process_init.connect

@@ -48,7 +48,8 @@ MAX_KV_BYTES = int(os.environ.get("FD_MAX_KV_BYTES", str(8 << 30)))  # a referen
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # dtypes a blob may hold
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _TOKEN_RE = re.compile(r"[0-9a-f]{32}")
-_POOL_RE = re.compile(SHM_PREFIX + r"[A-Za-z0-9_.-]{1,64}-free-[0-9a-f]{16}-[0-9]{1,3}")
+_POOL_RE = re.compile(SHM_PREFIX + r"[A-Za-z0-9_.-]{1,64}-free-[0-9]{1,10}-[0-9a-f]{8}-[0-9]{1,3}")
+_POOL_FILE_RE = re.compile(r"-free-([0-9]{1,10})-[0-9a-f]{8}-[0-9]{1,3}(-held)?$")  # group 1: the writer's pid
 #: Tensor bytes start at a multiple of this in a blob (the header is padded with spaces).
 ALIGN = 64
 
@@ -304,7 +305,7 @@ class _ShmPool:
     """This process's recycled shared-memory files, so that a hand-off copies into pages that are
     already there instead of making tmpfs allocate (and zero) fresh ones for every blob.
 
-    The life of a slot: it is renamed from its free name ``fdkv-<topic>-free-<pool>-<i>`` to the
+    The life of a slot: it is renamed from its free name ``fdkv-<topic>-free-<pid>-<pool>-<i>`` to the
     blob's name and filled (:func:`put`); decode renames it to ``<free name>-held`` when it takes
     the blob (so a second take finds it missing), builds tensors on its pages, and renames it back
     to the free name when the last of those tensors is gone. A slot that is not back within the
@@ -312,7 +313,7 @@ class _ShmPool:
     """
 
     def __init__(self) -> None:
-        self.id = secrets.token_hex(8)
+        self.id = f"{os.getpid()}-{secrets.token_hex(4)}"  # the pid lets sweep_shm tell a dead pool
         self.slots: list[_Slot] = []
         self.lock = threading.Lock()
         self.pid = os.getpid()
@@ -552,21 +553,38 @@ def discard(ref: KVRef, client: redis.Redis | None = None) -> None:
         client.delete(ref.location)
 
 
-def sweep_shm(max_age_s: float) -> int:
-    """Remove shm blobs older than ``max_age_s`` (their request expired); returns how many."""
+def sweep_shm(max_age_s: float, topic: str | None = None) -> int:
+    """Remove what nobody will use (of ``topic``, or of every topic): blobs older than
+    ``max_age_s`` (their request expired), the idle slot files of processes that are gone, and
+    slots held longer than that (their decode node died). Returns how many files went."""
     removed, now = 0, time.time()
+    prefix = f"{SHM_PREFIX}{topic}-" if topic is not None else SHM_PREFIX
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return 0
     for name in names:
-        if not name.startswith(SHM_PREFIX):
+        if not name.startswith(prefix):
             continue
         path = os.path.join(SHM_DIR, name)
+        pool = _POOL_FILE_RE.search(name)
         try:
-            if now - os.stat(path).st_mtime > max_age_s:
+            if pool and not _alive(int(pool.group(1))):
+                os.unlink(path)  # the writer is gone; a reader still mapping it keeps its pages
+                removed += 1
+            elif (not pool or pool.group(2)) and now - os.stat(path).st_mtime > max_age_s:
                 os.unlink(path)
                 removed += 1
         except FileNotFoundError:
             pass
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

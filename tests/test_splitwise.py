@@ -205,7 +205,7 @@ def test_no_blob_is_left_after_200_requests(sw, sw_client, redis_server):
     assert len({r.request_id for r in results}) == 200
     files = [n for n in os.listdir(kvstore.SHM_DIR) if n.startswith(f"{kvstore.SHM_PREFIX}{TOPIC}-")]
     # What may stay: the prefill processes' recycled files, idle under their free names.
-    leftover_shm = [n for n in files if not re.fullmatch(rf"{kvstore.SHM_PREFIX}{TOPIC}-free-[0-9a-f]{{16}}-\d+", n)]
+    leftover_shm = [n for n in files if not re.fullmatch(rf"{kvstore.SHM_PREFIX}{TOPIC}-free-\d+-[0-9a-f]{{8}}-\d+", n)]
     leftover_redis = redis_server.client().keys(f"fd:{TOPIC}:kv:*")
     assert leftover_shm == [] and leftover_redis == []
     charged = {k: redis_server.client().zrange(k, 0, -1) for k in redis_server.client().keys(f"fd:{TOPIC}:ptok:*")}
@@ -305,7 +305,7 @@ def test_shm_slot_lifecycle(engine):
 def test_shm_pool_name_cannot_leave_the_store(engine):
     ref = _put_shm(_blob_cache(engine), "pool-c")
     try:
-        for bad in ("../../tmp/x", "fdkv-other-free-0123456789abcdef-0", ref.pool + "/../x", "/dev/shm/" + ref.pool):
+        for bad in ("../../tmp/x", "fdkv-other-free-123-01234567-0", ref.pool + "/../x", "/dev/shm/" + ref.pool):
             with pytest.raises(KVRefError, match="pool name"):
                 kvstore.KVRef.from_dict({**ref.to_dict(), "pool": bad})
         edited = kvstore.KVRef.from_dict({**ref.to_dict(), "pool": ref.pool[:-1] + "9"})

@@ -117,6 +117,9 @@ def run_demo(
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _stop(_CLUSTERS, redis_server, keep_logs=code == 1)
+        from .. import kvstore
+
+        kvstore.sweep_shm(0, topic)  # KV files of the demo's workers, however they stopped
         if code == 1 and logs:
             click.echo("worker logs kept: " + " ".join(logs), err=True)
         else:
