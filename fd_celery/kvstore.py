@@ -470,9 +470,10 @@ def _take_shm(ref: KVRef) -> Any:
         size = min(os.fstat(fd).st_size, len(_header(ref)) + ref.nbytes)
         if size < len(MAGIC) + 4:
             raise KVRefError(f"KV blob of request {ref.request_id} is not an fd_celery blob")
-        # Private and writable (copy on write), so tensors built on it are ordinary tensors.
-        # Not MAP_POPULATE: populating a writable private mapping copies every page.
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        if ref.pool:
+            mm = _map_slot(ref, fd, size)
+        else:  # private and writable (copy on write): tensors built on it are ordinary tensors
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
     _check_header(ref, mm)  # before the blob is released: a mismatched reference leaves it be
@@ -486,6 +487,38 @@ def _take_shm(ref: KVRef) -> Any:
         raise KVRefError(f"KV blob {ref.location} is missing (consumed or expired)") from None
     weakref.finalize(mm, _return_slot, held, os.path.join(SHM_DIR, ref.pool))
     return mm
+
+
+def _map_slot(ref: KVRef, fd: int, size: int) -> Any:
+    """The first ``size`` bytes of a pool slot, through a mapping this process keeps per slot
+    file: the pages stay mapped from one blob to the next, so taking a blob costs no mmap and
+    no page faults. The returned array is the tensors' base: the slot goes back to its writer
+    when the array is gone."""
+    import numpy as np
+
+    inode, file_size = os.fstat(fd).st_ino, os.fstat(fd).st_size
+    with _READER_LOCK:
+        cached = _READER_MAPS.pop(ref.pool, None)
+        if cached is None or cached[0] != inode or len(cached[1]) < size:
+            # Private and writable (copy on write), so tensors built on it are ordinary tensors;
+            # not MAP_POPULATE: populating a writable private mapping copies every page.
+            cached = (inode, mmap.mmap(fd, file_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+        _READER_MAPS[ref.pool] = cached  # the newest last
+        while len(_READER_MAPS) > 1 and (len(_READER_MAPS) > POOL_SLOTS * 2
+                                         or sum(len(m) for _, m in _READER_MAPS.values()) > POOL_BYTES):
+            _READER_MAPS.pop(next(iter(_READER_MAPS)))  # tensors still on it keep it mapped
+    return np.frombuffer(cached[1], dtype=np.uint8, count=size)
+
+
+def _forget_slot(pool: str) -> None:
+    """A slot whose bytes failed their check: map it afresh next time (a page written through
+    this process's private mapping would hide the writer's next blob)."""
+    with _READER_LOCK:
+        _READER_MAPS.pop(pool, None)
+
+
+_READER_MAPS: dict[str, tuple[int, mmap.mmap]] = {}
+_READER_LOCK = threading.Lock()
 
 
 def _unlink_path(path: str) -> None:
@@ -528,6 +561,8 @@ def _decode_blob(ref: KVRef, buffer: Any, device: str) -> KVCache:
     begin = _check_header(ref, view)
     data = view[begin : begin + ref.nbytes]
     if len(data) != ref.nbytes or _checksum([data]) != ref.checksum:
+        if ref.pool:
+            _forget_slot(ref.pool)
         raise KVRefError(f"KV blob of request {ref.request_id} fails its checksum")
     dtype = getattr(torch, ref.dtype)
     tensors, offset = [], 0
