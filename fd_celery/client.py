@@ -34,7 +34,7 @@ from .errors import (
     error_from_dict,
 )
 from .keys import check_request_id, output_stream
-from .protocol import GenerationResult, OutputChunk
+from .protocol import RESULT_DEFERRED, RESULT_HEADER, GenerationResult, OutputChunk
 from .stream import StreamReaders, last_entry
 
 __all__ = ["Client", "RequestHandle"]
@@ -105,9 +105,13 @@ class Client:
                 # One round trip that fails fast and names the host (unreachable, wrong password)
                 # before Celery's result consumer would retry for 20 s and raise a bare RuntimeError.
                 self._redis.ping()
-                async_result = self.app.send_task(
-                    self._task_name, kwargs=kwargs, task_id=request_id, priority=priority
+                # ignore_result: no subscription to Celery's result channel (this handle reads the
+                # output stream), and the worker stores the SUCCESS record off the request's path.
+                self.app.send_task(
+                    self._task_name, kwargs=kwargs, task_id=request_id, priority=priority,
+                    ignore_result=True, headers={RESULT_HEADER: RESULT_DEFERRED},
                 )
+                async_result = self.app.AsyncResult(request_id)
         except kombu.exceptions.OperationalError as exc:
             raise BrokerUnavailable(
                 f"could not publish to the broker at {self.config.redacted_url()}: {exc}"

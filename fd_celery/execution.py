@@ -43,6 +43,8 @@ from .errors import (
 )
 from .keys import check_request_id, output_stream
 from .protocol import (
+    RESULT_DEFERRED,
+    RESULT_HEADER,
     DecodeRequest,
     GenerateRequest,
     GenerationResult,
@@ -183,9 +185,12 @@ def _mark_started(backend: Any, client: Any, request_id: str, node: str) -> None
     its deadline from one that never started."""
     meta = {"status": states.STARTED, "result": {"pid": os.getpid(), "hostname": node},
             "traceback": None, "children": [], "date_done": None, "task_id": request_id}
-    expires = backend.expires
-    client.set(backend.get_key_for_task(request_id), backend.encode(meta), nx=True,
-               ex=int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 86400))
+    client.set(backend.get_key_for_task(request_id), backend.encode(meta), nx=True, ex=_result_expiry_s(backend))
+
+
+def _result_expiry_s(backend: Any) -> int:
+    expires = backend.expires  # result_expires: a timedelta, seconds, or None (then a day)
+    return int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 86400)
 
 
 def _record_end(writer: OutputWriter, topic: str, node: str, end: dict[str, Any]) -> None:
@@ -218,12 +223,32 @@ def _outcome(end: dict[str, Any]) -> dict[str, Any]:
 def _guarded(run: _Run, work: Any) -> dict[str, Any]:
     """Run ``work``; any failure becomes the request's end entry, which the caller sees."""
     try:
-        return work()
+        result = work()
     except FDCeleryError as exc:
         return run.out.fail(exc)
     except Exception as exc:
         logger.exception("request %s failed in the engine", run.request_id)
         return run.out.fail(WorkerError(f"the worker failed the request: {type(exc).__name__}: {exc}"))
+    if run.task.request.get(RESULT_HEADER) == RESULT_DEFERRED:  # sent by Client.submit
+        backend, client, request_id = run.task.backend, run.client, run.request_id
+        run.out.writer.defer(lambda: _store_success(backend, client, request_id, result), key=run.out.key)
+    return result
+
+
+def _store_success(backend: Any, client: Any, request_id: str, result: dict[str, Any]) -> None:
+    """The SUCCESS record Celery would store, from a writer thread: for requests whose caller
+    reads the output stream (``Client.submit`` sends them with ``ignore_result``, so Celery does
+    not store it on the request's path with its read-before-write). Same key, same encoding, and
+    published, so ``AsyncResult.get()`` sees it as it would Celery's own."""
+    from datetime import datetime, timezone
+
+    meta = {"status": states.SUCCESS, "result": result, "traceback": None, "children": [],
+            "date_done": datetime.now(timezone.utc).isoformat(), "task_id": request_id}
+    key, payload = backend.get_key_for_task(request_id), backend.encode(meta)
+    pipe = client.pipeline(transaction=False)
+    pipe.set(key, payload, ex=_result_expiry_s(backend))
+    pipe.publish(key, payload)
+    pipe.execute()
 
 
 # --------------------------------------------------------------------------- checks

@@ -15,6 +15,8 @@ from typing import Any
 from .errors import InvalidRequest
 
 __all__ = [
+    "RESULT_HEADER",
+    "RESULT_DEFERRED",
     "GenerateRequest",
     "GenerationResult",
     "OutputChunk",
@@ -238,3 +240,8 @@ class GenerationResult:
             from .errors import WorkerError
 
             raise WorkerError(f"malformed result from worker: {exc!r}") from None
+
+
+#: ``Client.submit`` sends this header (with ``ignore_result``): the worker stores the SUCCESS
+#: record itself, off the request's path, since the caller reads the output stream.
+RESULT_HEADER, RESULT_DEFERRED = "fd_result", "deferred"

@@ -23,6 +23,9 @@ _OPTIONS: dict[str, Any] = {
     # A request is acked when it ends, so a worker that dies mid-request gives it back.
     "acks_late": True,
     "reject_on_worker_lost": True,
+    # Client.submit sends ignore_result (fd_celery stores the SUCCESS record off the request's
+    # path, see execution._guarded); failures are still stored by Celery.
+    "store_errors_even_if_ignored": True,
     # STARTED is recorded by fd_celery itself (execution._Run.open): off the request's path,
     # without Celery's read-before-write and result-channel publish.
     "track_started": False,
