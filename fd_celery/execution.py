@@ -143,6 +143,7 @@ class _Run:
     out: _Output
     previous: StreamEntry | None
     started: float
+    result_stored: bool = False  # the task already put its result in the backend itself
 
     @classmethod
     def open(cls, task: Task, request_id: Any, look_back: bool = True) -> _Run:
@@ -162,8 +163,10 @@ class _Run:
         if look_back:
             with redis_errors(config):
                 previous = last_entry(client, out.key)
-        backend, node = task.backend, str(task.request.hostname)  # task.request is this thread's
-        out.writer.defer(lambda: _mark_started(backend, client, request_id, node), key=out.key)
+        # (task.request belongs to this thread; the backend record is the task's, which for
+        # fd.decode is not the request's id)
+        backend, node, task_id = task.backend, str(task.request.hostname), str(task.request.id)
+        out.writer.defer(lambda: _mark_started(backend, client, task_id, node), key=out.key)
         return cls(task, config, client, request_id, out, previous, time.time())
 
     @property
@@ -177,15 +180,15 @@ class _Run:
         return False
 
 
-def _mark_started(backend: Any, client: Any, request_id: str, node: str) -> None:
+def _mark_started(backend: Any, client: Any, task_id: str, node: str) -> None:
     """Celery's STARTED state (what ``track_started`` would store), written by a writer thread
     before any output of the request. ``NX``: it never replaces the state of a run that already
     ended (SUCCESS or FAILURE stored first) nor an earlier run's STARTED. Callers see it as
     ``AsyncResult.state``; ``RequestHandle`` counts on it to tell a request that started before
     its deadline from one that never started."""
     meta = {"status": states.STARTED, "result": {"pid": os.getpid(), "hostname": node},
-            "traceback": None, "children": [], "date_done": None, "task_id": request_id}
-    client.set(backend.get_key_for_task(request_id), backend.encode(meta), nx=True, ex=_result_expiry_s(backend))
+            "traceback": None, "children": [], "date_done": None, "task_id": task_id}
+    client.set(backend.get_key_for_task(task_id), backend.encode(meta), nx=True, ex=_result_expiry_s(backend))
 
 
 def _result_expiry_s(backend: Any) -> int:
@@ -229,13 +232,13 @@ def _guarded(run: _Run, work: Any) -> dict[str, Any]:
     except Exception as exc:
         logger.exception("request %s failed in the engine", run.request_id)
         return run.out.fail(WorkerError(f"the worker failed the request: {type(exc).__name__}: {exc}"))
-    if run.task.request.get(RESULT_HEADER) == RESULT_DEFERRED:  # sent by Client.submit
-        backend, client, request_id = run.task.backend, run.client, run.request_id
-        run.out.writer.defer(lambda: _store_success(backend, client, request_id, result), key=run.out.key)
+    if run.task.request.get(RESULT_HEADER) == RESULT_DEFERRED and not run.result_stored:  # Client.submit
+        backend, client, task_id = run.task.backend, run.client, str(run.task.request.id)
+        run.out.writer.defer(lambda: _store_success(backend, client, task_id, result), key=run.out.key)
     return result
 
 
-def _store_success(backend: Any, client: Any, request_id: str, result: dict[str, Any]) -> None:
+def _store_success(backend: Any, client: Any, task_id: str, result: dict[str, Any]) -> None:
     """The SUCCESS record Celery would store, from a writer thread: for requests whose caller
     reads the output stream (``Client.submit`` sends them with ``ignore_result``, so Celery does
     not store it on the request's path with its read-before-write). Same key, same encoding, and
@@ -243,8 +246,8 @@ def _store_success(backend: Any, client: Any, request_id: str, result: dict[str,
     from datetime import datetime, timezone
 
     meta = {"status": states.SUCCESS, "result": result, "traceback": None, "children": [],
-            "date_done": datetime.now(timezone.utc).isoformat(), "task_id": request_id}
-    key, payload = backend.get_key_for_task(request_id), backend.encode(meta)
+            "date_done": datetime.now(timezone.utc).isoformat(), "task_id": task_id}
+    key, payload = backend.get_key_for_task(task_id), backend.encode(meta)
     pipe = client.pipeline(transaction=False)
     pipe.set(key, payload, ex=_result_expiry_s(backend))
     pipe.publish(key, payload)
@@ -460,7 +463,9 @@ def _hand_off(
         run.task.backend.store_result(run.task.request.id, ref.to_dict(), states.SUCCESS, request=run.task.request)
         decode = DecodeRequest(run.request_id, str(run.task.request.id), decode_node, request, submitted,
                                run.started, first_at)
-        run.task.app.send_task("fd.decode", kwargs=decode.to_kwargs(), task_id=str(uuid.uuid4()))
+        run.result_stored = True
+        run.task.app.send_task("fd.decode", kwargs=decode.to_kwargs(), task_id=str(uuid.uuid4()),
+                               ignore_result=True, headers={RESULT_HEADER: RESULT_DEFERRED})
     except Exception:
         kvstore.discard(ref, run.client)
         raise
