@@ -71,6 +71,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
         self.waiting = 0
         self.facts: dict[str, Any] = {}
         self._held: list[str] | None = None  # delivery tags last published (see recovery)
+        self._held_at = 0.0
 
     def start(self, worker: Any) -> None:
         app = worker.app
@@ -173,9 +174,12 @@ class FDWorkerStep(bootsteps.StartStopStep):
             registry.register(client, config, self.node, self.facts)
             self._held = None
         held = _held_tags()
-        if held is not None and held != self._held:  # what another node gives back if this one dies
+        now = time.monotonic()
+        # What another node gives back if this one dies: written when it changes, and once a
+        # second anyway (a node judged dead while frozen had its list claimed, and must say again).
+        if held is not None and (held != self._held or now - self._held_at >= recovery.INTERVAL_S):
             recovery.publish_held(client, config, self.node, held)
-            self._held = held
+            self._held, self._held_at = held, now
         return self.load_score, self.waiting
 
     def _heartbeat(self, app: Any) -> None:
