@@ -16,6 +16,7 @@ Redis layout (``T`` = ``scheduler_topic``; ``<node>|<suffix>`` fields, the suffi
     fd:T:metrics:tokens    hash  "<node>" -> output tokens of requests that ended
     fd:T:metrics:rejected  hash  "<reason>" -> requests turned away at submit ("QueueFull", ...)
     fd:T:metrics:handoffs  hash  "<node>|<kind>:count", "<node>|<kind>:bytes" -> KV hand-offs
+    fd:T:metrics:givenback hash  "<dead node>" -> requests it held that a live node requeued
 
 The recording functions never raise into the caller: a metric is not worth a failed request.
 They need only ``redis``; the exporter needs ``prometheus_client`` (``pip install
@@ -41,6 +42,7 @@ __all__ = [
     "metrics_key",
     "record_end",
     "record_rejected",
+    "record_given_back",
     "record_handoff",
     "FDCollector",
     "exposition",
@@ -134,6 +136,14 @@ def record_rejected(client: redis.Redis, topic: str, reason: str) -> None:
         logger.warning("could not record a rejected request in the metrics: %s", exc)
 
 
+def record_given_back(client: redis.Redis, topic: str, node: str, count: int) -> None:
+    """``count`` requests that the dead ``node`` held went back to their queues."""
+    try:
+        client.hincrby(metrics_key(topic, "givenback"), _label(node), int(count))
+    except Exception as exc:
+        logger.warning("could not record requests given back in the metrics: %s", exc)
+
+
 def record_handoff(client: redis.Redis, topic: str, node: str, nbytes: int, kind: str) -> None:
     """``node`` (a prefill node) handed a KV cache of ``nbytes`` to decode through store ``kind``."""
     try:
@@ -217,10 +227,11 @@ class FDCollector:
         topic = self.config.scheduler_topic
         client = self.client
         pipe = client.pipeline(transaction=False)
-        for name in ("ttft", "tpot", "requests", "tokens", "rejected", "handoffs"):
+        for name in ("ttft", "tpot", "requests", "tokens", "rejected", "handoffs", "givenback"):
             pipe.hgetall(metrics_key(topic, name))
         pipe.hgetall(keys.steals_hash(topic))
-        ttft, tpot, requests, tokens, rejected, handoffs, steals = pipe.execute()
+        pipe.llen(keys.dead_letter_list(topic))
+        ttft, tpot, requests, tokens, rejected, handoffs, given_back, steals, dead = pipe.execute()
 
         for name, raw, bounds, doc in (
             ("fd_ttft_seconds", ttft, TTFT_BUCKETS, "Time to first token, from submit (seconds)."),
@@ -257,6 +268,16 @@ class FDCollector:
         for field, value in sorted(rejected.items()):
             rejected_f.add_metric([field.decode()], float(value))
         yield rejected_f
+
+        back = CounterMetricFamily("fd_requests_given_back", "Requests a dead node held that a live node "
+                                   "put back in their queues (after scheduler_expire_period).", labels=["node"])
+        for field, value in sorted(given_back.items()):
+            back.add_metric([field.decode()], float(value))
+        yield back
+        dead_f = GaugeMetricFamily("fd_dead_letters", "Messages nodes refused as unreadable, kept in "
+                                   f"{keys.dead_letter_list(topic)} (the newest 1,000).")
+        dead_f.add_metric([], float(dead))
+        yield dead_f
 
         made = CounterMetricFamily("fd_steals_made", "Requests this node stole from others.", labels=["node"])
         suffered = CounterMetricFamily("fd_steals_suffered", "Requests stolen from this node.", labels=["node"])

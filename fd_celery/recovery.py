@@ -29,7 +29,7 @@ from typing import Any
 
 import redis
 
-from . import keys, loadtable
+from . import keys, loadtable, metrics
 from .config import SchedulerConfig
 
 __all__ = ["publish_held", "restore_dead_nodes", "HELD_FIELD", "INTERVAL_S"]
@@ -84,6 +84,7 @@ def restore_dead_nodes(client: redis.Redis, config: SchedulerConfig, transport_o
         if count:
             logger.warning("node %s is dead (no heartbeat for %gms): %d request(s) it held are back "
                            "in their queues", node, config.scheduler_expire_period, count)
+            metrics.record_given_back(client, topic, node, count)
         restored += count
     return restored
 

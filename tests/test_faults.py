@@ -28,7 +28,7 @@ import redis
 from celery import Celery, states
 
 import fd_celery
-from fd_celery import keys
+from fd_celery import keys, metrics
 from fd_celery.client import RequestHandle
 from fd_celery.errors import BrokerUnavailable, FDCeleryError, ResultTimeout
 from fd_celery.local_cluster import LocalCluster, RedisServer, WorkerProcess, free_port
@@ -245,6 +245,8 @@ def test_kill9_global_node_mid_request(redis_server, engine):
         assert figures["completed"] == len(specs), f"requests failed: {figures}"
         assert victim.result is not None and victim.result.served_by[0] == b.node
         assert recovered_s < 60, f"the killed node's request took {recovered_s:.0f}s to come back"
+        given_back = redis_server.client().hget(metrics.metrics_key(topic, "givenback"), a.node)
+        assert given_back is not None and int(given_back) >= 1, "the give-back is not in the metrics"
         _report("kill -9 global mixed node", faults=1, recovered_s=round(recovered_s, 1), **figures)
 
 

@@ -87,6 +87,10 @@ def test_recorded_events_are_exported(redis_server, topic):
     metrics.record_handoff(r, topic, "p@h", 7, "redis")
     r.hincrby(keys.steals_hash(topic), "b@h:made", 3)
     r.hincrby(keys.steals_hash(topic), "a@h:suffered", 3)
+    metrics.record_given_back(r, topic, "z@h", 2)
+    from fd_celery import deadletter
+
+    deadletter.dead_letter(r, keys.dead_letter_list(topic), "fd.x.mixed", "not JSON", b"\x00junk")
 
     s = scrape(redis_server.port, topic)
     assert value(s, "fd_up") == 1
@@ -122,11 +126,13 @@ def test_recorded_events_are_exported(redis_server, topic):
     assert value(s, "fd_steals_made_total", node="b@h") == 3
     assert value(s, "fd_steals_suffered_total", node="a@h") == 3
     assert value(s, "fd_nodes_live", role="mixed") == 0  # nothing heartbeats in this topic
+    assert value(s, "fd_requests_given_back_total", node="z@h") == 2
+    assert value(s, "fd_dead_letters") == 1
 
     # one pipelined round trip per event, into a few hashes under fd:<topic>:metrics:
     names = {k.decode() for k in r.scan_iter(f"fd:{topic}:metrics:*")}
     assert names == {f"fd:{topic}:metrics:{n}" for n in ("ttft", "tpot", "requests", "tokens", "rejected",
-                                                         "handoffs")}
+                                                         "handoffs", "givenback")}
 
 
 def test_recording_never_raises(redis_server, topic, caplog):
