@@ -28,7 +28,7 @@ DEMO_TIMEOUT_S = 150
 # skewed burst over three nodes; splitwise: one prefill node and two decode nodes)
 RUNS = {
     "local": ["--requests", "6", "--max-tokens", "8", "--workers", "2"],
-    "global": ["--requests", "12", "--max-tokens", "12", "--workers", "3"],
+    "global": ["--requests", "12", "--max-tokens", "32", "--workers", "3"],  # long enough to steal
     "splitwise": ["--requests", "6", "--max-tokens", "8", "--workers", "3"],
 }
 
