@@ -618,7 +618,9 @@ def _raw_outcome(app: Celery, task_id: str, worker: WorkerProcess, timeout_s: fl
         meta = app.backend.get_task_meta(task_id)
         status = meta.get("status")
         if status == states.SUCCESS:
-            assert meta["result"]["token_ids"]
+            result = meta["result"]
+            # served: tokens, or none when the very first one sampled was the end of text
+            assert result["token_ids"] or result["finish_reason"] == "stop", result
             return "served"
         if status == states.FAILURE:
             result = meta.get("result")
