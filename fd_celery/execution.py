@@ -186,9 +186,15 @@ def _mark_started(backend: Any, client: Any, task_id: str, node: str) -> None:
     ended (SUCCESS or FAILURE stored first) nor an earlier run's STARTED. Callers see it as
     ``AsyncResult.state``; ``RequestHandle`` counts on it to tell a request that started before
     its deadline from one that never started."""
-    meta = {"status": states.STARTED, "result": {"pid": os.getpid(), "hostname": node},
-            "traceback": None, "children": [], "date_done": None, "task_id": task_id}
-    client.set(backend.get_key_for_task(task_id), backend.encode(meta), nx=True, ex=_result_expiry_s(backend))
+    key, payload = _backend_record(backend, task_id, states.STARTED, {"pid": os.getpid(), "hostname": node}, None)
+    client.set(key, payload, nx=True, ex=_result_expiry_s(backend))
+
+
+def _backend_record(backend: Any, task_id: str, status: str, result: Any, date_done: str | None) -> tuple[str, bytes]:
+    """The key and encoded value Celery's result backend keeps for a task in ``status``."""
+    meta = {"status": status, "result": result, "traceback": None, "children": [], "date_done": date_done,
+            "task_id": task_id}
+    return backend.get_key_for_task(task_id), backend.encode(meta)
 
 
 def _result_expiry_s(backend: Any) -> int:
@@ -245,9 +251,8 @@ def _store_success(backend: Any, client: Any, task_id: str, result: dict[str, An
     published, so ``AsyncResult.get()`` sees it as it would Celery's own."""
     from datetime import datetime, timezone
 
-    meta = {"status": states.SUCCESS, "result": result, "traceback": None, "children": [],
-            "date_done": datetime.now(timezone.utc).isoformat(), "task_id": task_id}
-    key, payload = backend.get_key_for_task(task_id), backend.encode(meta)
+    key, payload = _backend_record(backend, task_id, states.SUCCESS, result,
+                                   datetime.now(timezone.utc).isoformat())
     pipe = client.pipeline(transaction=False)
     pipe.set(key, payload, ex=_result_expiry_s(backend))
     pipe.publish(key, payload)

@@ -467,11 +467,12 @@ def _take_shm(ref: KVRef) -> Any:
     except FileNotFoundError:
         raise KVRefError(f"KV blob {ref.location} is missing (consumed or expired)") from None
     try:
-        size = min(os.fstat(fd).st_size, len(_header(ref)) + ref.nbytes)
+        stat = os.fstat(fd)
+        size = min(stat.st_size, len(_header(ref)) + ref.nbytes)
         if size < len(MAGIC) + 4:
             raise KVRefError(f"KV blob of request {ref.request_id} is not an fd_celery blob")
         if ref.pool:
-            mm = _map_slot(ref, fd, size)
+            mm = _map_slot(ref, fd, stat, size)
         else:  # private and writable (copy on write): tensors built on it are ordinary tensors
             mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
@@ -489,14 +490,14 @@ def _take_shm(ref: KVRef) -> Any:
     return mm
 
 
-def _map_slot(ref: KVRef, fd: int, size: int) -> Any:
+def _map_slot(ref: KVRef, fd: int, stat: os.stat_result, size: int) -> Any:
     """The first ``size`` bytes of a pool slot, through a mapping this process keeps per slot
     file: the pages stay mapped from one blob to the next, so taking a blob costs no mmap and
     no page faults. The returned array is the tensors' base: the slot goes back to its writer
     when the array is gone."""
     import numpy as np
 
-    inode, file_size = os.fstat(fd).st_ino, os.fstat(fd).st_size
+    inode, file_size = stat.st_ino, stat.st_size
     with _READER_LOCK:
         cached = _READER_MAPS.pop(ref.pool, None)
         if cached is None or cached[0] != inode or len(cached[1]) < size:

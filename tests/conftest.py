@@ -8,6 +8,7 @@ scheduler settings use their own topic or their own client app. Client-side sett
 from __future__ import annotations
 
 import gc
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -80,3 +81,19 @@ def reference_tokens(engine: Any, prompt: str, max_tokens: int, temperature: flo
             break
         tokens.append(token)
     return tokens
+
+
+@pytest.fixture(scope="session")
+def envelope_template(redis_server: RedisServer) -> dict[str, Any]:
+    """A real kombu envelope for an fd.generate message, as a plain Celery producer sends it
+    (the start of the raw messages that test_hostile and test_security push into queues)."""
+    raw = Celery("raw-producer", broker=redis_server.url(), backend=redis_server.url(), set_as_current=False)
+    raw.conf.update(task_serializer="json", accept_content=["json"])
+    scratch = f"fd-scratch-{uuid.uuid4().hex[:8]}"
+    raw.send_task("fd.generate", kwargs={"prompt": "template", "max_tokens": 2}, queue=scratch)
+    item: Any = redis_server.client().lpop(scratch)
+    raw.close()
+    assert item is not None
+    template = json.loads(item)
+    assert template["properties"]["body_encoding"] == "base64" and template["content-type"] == "application/json"
+    return template

@@ -195,6 +195,18 @@ def _wait_running_on(client: fd_celery.Client, r: redis.Redis, topic: str, outco
     raise AssertionError(f"no request was running on {node} within {timeout_s}s")
 
 
+def _kill_and_follow(victim: WorkerProcess, r: redis.Redis, topic: str, engine: Any,
+                     outcomes: list[Outcome]) -> tuple[float, dict[str, Any]]:
+    """kill -9 ``victim``'s process group, read every request as its caller does, check each
+    completed once or failed clearly: (seconds from the kill until the last ended, figures)."""
+    victim.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    for o in outcomes:
+        _follow(o, timeout_s=90)
+    recovered_s = time.monotonic() - killed_at
+    return recovered_s, _check_exactly_once(r, topic, engine, outcomes)
+
+
 def _report(name: str, **figures: Any) -> None:
     print(f"\n[faults] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
@@ -235,12 +247,7 @@ def test_kill9_global_node_mid_request(redis_server, engine):
         specs = [Spec(f"kill the mixed node {i}", 300, 0.8, i, a.node if i < 4 else None) for i in range(6)]
         outcomes = _submit(client, specs)
         victim = _wait_running_on(client, redis_server.client(), topic, outcomes, a.node, min_entries=5)
-        a.signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        for o in outcomes:
-            _follow(o, timeout_s=90)
-        recovered_s = time.monotonic() - killed_at
-        figures = _check_exactly_once(redis_server.client(), topic, engine, outcomes)
+        recovered_s, figures = _kill_and_follow(a, redis_server.client(), topic, engine, outcomes)
         assert not a.alive()
         assert figures["completed"] == len(specs), f"requests failed: {figures}"
         assert victim.result is not None and victim.result.served_by[0] == b.node
@@ -265,12 +272,7 @@ def test_kill9_splitwise_prefill_node_mid_prefill(redis_server, engine):
         specs = [Spec(f"{i}: {LONG_PROMPT}", 24, 0.5, 10 + i, p1.node) for i in range(6)]
         outcomes = _submit(client, specs)
         _wait_running_on(client, redis_server.client(), topic, outcomes, p1.node, min_entries=0)
-        p1.signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        for o in outcomes:
-            _follow(o, timeout_s=90)
-        recovered_s = time.monotonic() - killed_at
-        figures = _check_exactly_once(redis_server.client(), topic, engine, outcomes)
+        recovered_s, figures = _kill_and_follow(p1, redis_server.client(), topic, engine, outcomes)
         assert figures["completed"] == len(specs), f"requests failed: {figures}"
         served = collections.Counter(o.result.served_by[0] for o in outcomes if o.result)
         assert served[p2.node] >= 1, f"p2 took none of p1's requests: {served}"
@@ -299,12 +301,7 @@ def test_kill9_splitwise_decode_node_mid_decode(redis_server, engine):
                 break
             assert time.monotonic() < deadline, "no decode was running on d1 within 60s"
             time.sleep(0.005)
-        d1.signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        for o in outcomes:
-            _follow(o, timeout_s=90)
-        recovered_s = time.monotonic() - killed_at
-        figures = _check_exactly_once(r, topic, engine, outcomes)
+        recovered_s, figures = _kill_and_follow(d1, r, topic, engine, outcomes)
         assert figures["completed"] == len(specs), f"requests failed: {figures}"
         decoded = collections.Counter(o.result.served_by[-1] for o in outcomes if o.result)
         assert decoded[d2.node] >= 1

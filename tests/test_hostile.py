@@ -395,21 +395,6 @@ def hostile_client(redis_server: RedisServer, hostile_cluster: LocalCluster) -> 
     return fd_celery.Client(app)
 
 
-@pytest.fixture(scope="module")
-def envelope_template(redis_server: RedisServer) -> dict[str, Any]:
-    """A real kombu envelope for an fd.generate message, as a plain Celery producer sends it."""
-    raw = Celery("raw-producer", broker=redis_server.url(), backend=redis_server.url(), set_as_current=False)
-    raw.conf.update(task_serializer="json", accept_content=["json"])
-    scratch = f"fd-scratch-{uuid.uuid4().hex[:8]}"
-    raw.send_task("fd.generate", kwargs={"prompt": "template", "max_tokens": 2}, queue=scratch)
-    item: Any = redis_server.client().lpop(scratch)
-    raw.close()
-    assert item is not None
-    template = json.loads(item)
-    assert template["properties"]["body_encoding"] == "base64" and template["content-type"] == "application/json"
-    return template
-
-
 def envelope(template: dict[str, Any], queue: str, *, body: bytes | None = None, payload: Any = None,
              task: str = "fd.generate", content_type: str | None = None, kwargsrepr: str = "{}",
              drop: tuple[str, ...] = (), properties: dict[str, Any] | None = None) -> tuple[str, bytes]:

@@ -69,19 +69,6 @@ class _CreatesFile:
         return (open, (self.path, "w"))
 
 
-@pytest.fixture(scope="module")
-def envelope_template(redis_server: RedisServer) -> dict[str, Any]:
-    import json
-
-    raw = Celery("raw-producer-sec", broker=redis_server.url(), backend=redis_server.url(), set_as_current=False)
-    raw.conf.update(task_serializer="json", accept_content=["json"])
-    scratch = f"fd-scratch-{uuid.uuid4().hex[:8]}"
-    raw.send_task("fd.generate", kwargs={"prompt": "template", "max_tokens": 2}, queue=scratch)
-    item: Any = redis_server.client().lpop(scratch)
-    raw.close()
-    return json.loads(item)
-
-
 def test_pickle_message_in_the_queue_is_refused_not_unpickled(redis_server, cluster, client, envelope_template,
                                                               tmp_path):
     """A kombu envelope whose content type is pickle, pushed into the session worker's queue."""
