@@ -156,6 +156,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
             "device": settings.device,
             "slots": self.slots,
             "host": socket.gethostname(),
+            "kv_stores": kvstore.stores_offered(settings.device),
             "pid": os.getpid(),
             "started_ms": self.started_ms,
         }

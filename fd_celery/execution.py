@@ -484,14 +484,16 @@ def _hand_off(
 
 
 def _store_for(run: _Run, decode_node: str) -> str:
-    """Shared memory when the decode node is on this host, Redis otherwise (or as configured)."""
-    forced = os.environ.get("FD_KV_STORE", "auto")
-    if forced in kvstore.STORES:
-        return forced
+    """CUDA IPC or shared memory when the decode node is on this host (as both nodes' devices
+    allow), Redis otherwise; ``FD_KV_STORE`` forces one."""
     with redis_errors(run.config):
-        raw = run.client.hget(keys.node_hash(run.config.scheduler_topic, decode_node), "host")
-    same_host = raw is not None and json.loads(raw) == socket.gethostname()
-    return "shm" if same_host and os.path.isdir(kvstore.SHM_DIR) else "redis"
+        host, stores = run.client.hmget(keys.node_hash(run.config.scheduler_topic, decode_node), "host", "kv_stores")
+    same_host = host is not None and json.loads(host) == socket.gethostname()
+    return kvstore.choose_store(
+        same_host=same_host, device=get_node_settings(run.task.app).device,
+        peer_stores=json.loads(stores) if stores is not None else None,
+        forced=os.environ.get("FD_KV_STORE", "auto"),
+    )
 
 
 # --------------------------------------------------------------------------- fd.decode

@@ -10,6 +10,8 @@ Stores:
 - ``shm``: a file in ``/dev/shm`` (POSIX shared memory; same host). The reader maps it and
   unlinks it at once: the pages live until the last tensor built on them is gone.
 - ``redis``: one key, read and deleted in one GETDEL (across hosts).
+- ``cuda``: the prefill process's GPU memory, mapped by decode through a CUDA IPC handle (same
+  host, both nodes on CUDA): see :mod:`fd_celery.kvcuda`.
 Blob names are built from checked parts only (topic, request id, token), so a reference cannot
 point outside its store's namespace.
 """
@@ -26,7 +28,7 @@ import struct
 import threading
 import time
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -38,12 +40,13 @@ from .keys import check_request_id
 if TYPE_CHECKING:  # torch is imported where tensors are made: workers only, never clients
     from .engine.base import KVCache
 
-__all__ = ["KVRef", "put", "take", "discard", "sweep_shm", "close_pool", "bytes_held", "SHM_DIR", "STORES", "MAX_KV_BYTES"]
+__all__ = ["KVRef", "put", "take", "discard", "sweep_shm", "close_pool", "bytes_held", "stores_offered",
+           "choose_store", "SHM_DIR", "STORES", "MAX_KV_BYTES"]
 
 MAGIC = b"FDKV1\n"
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "fdkv-"
-STORES = ("shm", "redis")
+STORES = ("shm", "redis", "cuda")
 MAX_KV_BYTES = int(os.environ.get("FD_MAX_KV_BYTES", str(8 << 30)))  # a reference above this is refused
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}  # dtypes a blob may hold
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -58,8 +61,8 @@ ALIGN = 64
 class KVRef:
     """Where a request's KV cache waits for its decode node. Small, JSON, no tensor data."""
 
-    kind: str  # "shm" or "redis"
-    location: str  # shm file name, or Redis key
+    kind: str  # "shm", "redis" or "cuda"
+    location: str  # shm file name, Redis key, or (cuda) the blob's name
     topic: str
     request_id: str
     token: str  # random; the blob carries it too
@@ -76,6 +79,9 @@ class KVRef:
     version: int = 1
     #: shm blobs in a recycled file: the name the file goes back to when decode is done with it
     pool: str = ""
+    #: cuda blobs: how to map the producer's GPU buffer (see :mod:`fd_celery.kvcuda`); else None.
+    #: The one field the blob's header does not repeat: it exists only once the blob is written.
+    ipc: dict[str, Any] | None = field(default=None, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in _REF_FIELDS}
@@ -119,9 +125,37 @@ class KVRef:
         if self.pool and not (self.kind == "shm" and isinstance(self.pool, str)
                               and _POOL_RE.fullmatch(self.pool) and self.pool.startswith(f"{SHM_PREFIX}{self.topic}-")):
             raise KVRefError(f"KV reference pool name {self.pool!r} is outside the shm store")
+        if self.kind == "cuda":
+            from .kvcuda import check_ipc
+
+            check_ipc(self.ipc)
+        elif self.ipc is not None:
+            raise KVRefError(f"KV reference of kind {self.kind} carries an ipc object")
+
+
+def stores_offered(device: str) -> list[str]:
+    """The KV stores a node on ``device`` can take blobs from (published with its heartbeat)."""
+    return [*(["cuda"] if device.startswith("cuda") else []),
+            *(["shm"] if os.path.isdir(SHM_DIR) else []), "redis"]
+
+
+def choose_store(*, same_host: bool, device: str, peer_stores: list[str] | None, forced: str = "auto") -> str:
+    """The store for a hand-off from a node on ``device`` to a decode node offering
+    ``peer_stores`` (None: a node that does not say; it takes shm and redis): CUDA IPC when both
+    are on CUDA on one host, shared memory on one host, Redis across hosts. ``forced`` (a store
+    name, from ``FD_KV_STORE``) wins."""
+    if forced in STORES:
+        return forced
+    offered = peer_stores if peer_stores is not None else ["shm", "redis"]
+    if same_host:
+        for kind in stores_offered(device):
+            if kind in offered:
+                return kind
+    return "redis"
 
 
 _REF_FIELDS = tuple(f.name for f in fields(KVRef))
+_HEADER_FIELDS = tuple(name for name in _REF_FIELDS if name != "ipc")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -148,7 +182,7 @@ def _location(ref: KVRef) -> str:
 
 def _blob_location(kind: str, topic: str, name: str) -> str:
     """A blob's location in its store: the tmpfs file name, or the Redis key."""
-    return name if kind == "shm" else keys.kv_blob(topic, name)
+    return keys.kv_blob(topic, name) if kind == "redis" else name
 
 
 def _checksum(parts: list[Any]) -> str:
@@ -185,12 +219,16 @@ def _as_bytes_tensor(part: Any) -> Any:
 
 
 def _header(ref: KVRef) -> bytes:
-    """The blob's header is the whole reference (any edited field is a mismatch), padded with
-    spaces so that the tensor bytes start at a multiple of :data:`ALIGN`."""
-    body = json.dumps(ref.to_dict(), sort_keys=True).encode()
+    """The blob's header is the whole reference but ``ipc`` (any edited field is a mismatch),
+    padded with spaces so that the tensor bytes start at a multiple of :data:`ALIGN`."""
+    body = json.dumps(_header_dict(ref), sort_keys=True).encode()
     head = len(MAGIC) + 4
     body += b" " * (-(head + len(body)) % ALIGN)
     return MAGIC + struct.pack("<I", len(body)) + body
+
+
+def _header_dict(ref: KVRef) -> dict[str, Any]:
+    return {name: value for name, value in ref.to_dict().items() if name in _HEADER_FIELDS}
 
 
 _CHECKSUM_PLACEHOLDER = "s64:" + "0" * 16
@@ -209,8 +247,7 @@ def put(
         raise KVRefError(f"cannot store a KV cache of dtypes {sorted(dtypes)}")
     if kind not in STORES:
         raise KVRefError(f"unknown KV store {kind!r}; known: {', '.join(STORES)}")
-    raw = [t.cpu().reshape(-1).view(torch.uint8) for t in tensors]
-    nbytes = sum(len(p) for p in raw)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
     token = secrets.token_hex(16)
     name = _blob_name(topic, request_id, token)
     ref = KVRef(
@@ -221,6 +258,14 @@ def put(
         owner=owner, host=host, expires_at=time.time() + ttl_s, first_token=first_token,
         prompt_tokens=prompt_tokens,
     )
+    if kind == "cuda":
+        from . import kvcuda
+
+        ref = kvcuda.put(ref, tensors, client)
+        assert client is not None
+        client.hset(keys.kv_held(topic), ref.location, _held_value(ref))
+        return ref
+    raw = [t.cpu().reshape(-1).view(torch.uint8) for t in tensors]
     # (+ 128: room for the pool name the header will carry)
     slot = _POOL.acquire(topic, name, len(_header(ref)) + 128 + nbytes, ttl_s) if kind == "shm" else None
     if slot is not None:
@@ -236,8 +281,14 @@ def put(
             assert client is not None
             client.set(ref.location, b"".join([header, *(p.numpy().tobytes() for p in raw)]), ex=max(1, int(ttl_s)))
     if client is not None:
-        client.hset(keys.kv_held(topic), ref.location, f"{owner}|{ref.nbytes}|{ref.expires_at}")
+        client.hset(keys.kv_held(topic), ref.location, _held_value(ref))
     return ref
+
+
+def _held_value(ref: KVRef) -> str:
+    """A blob's entry in ``fd:<topic>:kvheld``: who holds how many bytes until when, in which
+    store. The entry of a cuda blob is also its claim (see :mod:`fd_celery.kvcuda`)."""
+    return f"{ref.owner}|{ref.nbytes}|{ref.expires_at}|{ref.kind}"
 
 
 def _put_pooled(slot: _Slot, ref: KVRef, raw: list[Any]) -> KVRef:
@@ -267,13 +318,16 @@ def bytes_held(client: redis.Redis, topic: str) -> dict[str, int]:
     held: dict[str, int] = {}
     now = time.time()
     for location, value in client.hgetall(keys.kv_held(topic)).items():
-        owner, _, rest = value.decode().partition("|")
-        nbytes, _, expires = rest.partition("|")
+        owner, nbytes, expires, *kind = value.decode().split("|")
         if float(expires) > now:
             held[owner] = held.get(owner, 0) + int(nbytes)
-        else:
+        elif kind != ["cuda"] or float(expires) + _CUDA_ORPHAN_S < now:
+            # (a cuda entry is its producer's to claim: only one whose producer never came is dropped)
             client.hdel(keys.kv_held(topic), location)
     return held
+
+
+_CUDA_ORPHAN_S = 3600.0
 
 
 # --------------------------------------------------------------------------- the shm pool
@@ -444,6 +498,10 @@ def take(ref: KVRef, device: str, client: redis.Redis | None = None) -> KVCache:
     ``KVRefError`` with ``missing`` in the message (the caller may redo prefill).
     """
     ref.check()
+    if ref.kind == "cuda":
+        from . import kvcuda
+
+        return kvcuda.take(ref, device, client, _held_value(ref))
     if client is not None:
         client.hdel(keys.kv_held(ref.topic), ref.location)
     if ref.kind == "shm":
@@ -548,7 +606,7 @@ def _check_header(ref: KVRef, buffer: Any) -> int:
         header = json.loads(bytes(view[start : start + length]))
     except ValueError:
         raise KVRefError(f"KV blob of request {ref.request_id} has a corrupt header") from None
-    if header != ref.to_dict():
+    if header != _header_dict(ref):
         raise KVRefError(f"KV reference of request {ref.request_id} does not match its blob (tampered?)")
     return start + length
 
@@ -577,6 +635,11 @@ def _decode_blob(ref: KVRef, buffer: Any, device: str) -> KVCache:
 
 def discard(ref: KVRef, client: redis.Redis | None = None) -> None:
     """Release a blob nobody will load (the hand-off failed)."""
+    if ref.kind == "cuda":
+        from . import kvcuda
+
+        kvcuda.discard(ref, client)
+        return
     if client is not None:
         client.hdel(keys.kv_held(ref.topic), ref.location)
     if ref.kind == "shm":

@@ -8,9 +8,11 @@ Cluster (topic ``sw``): ``p1`` (prefill, KV store chosen automatically: shared m
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -138,6 +140,16 @@ def _fake_prefill(sw_app: Celery, engine, request_id: str, store: str, **tamper)
     return {**ref.to_dict(), **tamper}, ref
 
 
+def _send_decode(sw_app: Celery, node: str, request_id: str, prefill_id: str) -> None:
+    """An ``fd.decode`` as a prefill node sends it, for the reference stored under ``prefill_id``."""
+    sw_app.send_task("fd.decode", task_id=f"{request_id}-d", kwargs={
+        "request_id": request_id, "prefill_id": prefill_id, "node": node,
+        "request": {"prompt": "tamper", "max_tokens": 5, "temperature": 0.0, "seed": 1,
+                    "token_ids": None, "node": None},
+        "submitted": time.time(), "started": time.time(), "first_token_at": time.time(),
+    })
+
+
 def _redis(app: Celery):
     from fd_celery.connection import redis_for
 
@@ -162,18 +174,35 @@ def test_bad_reference_gives_kv_ref_error_and_decode_keeps_serving(sw, sw_app, s
     data, real = _fake_prefill(sw_app, engine, request_id, store, **TAMPERED[case])
     prefill_id = f"{request_id}-p"
     sw_app.backend.store_result(prefill_id, data, states.SUCCESS)
-    d1 = _worker(sw, "d1").node
-    sw_app.send_task("fd.decode", task_id=f"{request_id}-d", kwargs={
-        "request_id": request_id, "prefill_id": prefill_id, "node": d1,
-        "request": {"prompt": "tamper", "max_tokens": 5, "temperature": 0.0, "seed": 1,
-                    "token_ids": None, "node": None},
-        "submitted": time.time(), "started": time.time(), "first_token_at": time.time(),
-    })
+    _send_decode(sw_app, _worker(sw, "d1").node, request_id, prefill_id)
     with pytest.raises(KVRefError):
         sw_app.AsyncResult(f"{request_id}-d").get(timeout=60)
     kvstore.discard(real, _redis(sw_app))
     after = sw_client.submit("still serving", max_tokens=4).result(timeout=60)
     assert after.token_ids
+
+
+def test_nodes_publish_the_kv_stores_they_take(sw, sw_app):
+    facts = _redis(sw_app).hget(keys.node_hash(TOPIC, _worker(sw, "d1").node), "kv_stores")
+    assert json.loads(facts) == ["shm", "redis"]  # a CPU node: no CUDA IPC
+
+
+def test_cuda_reference_on_a_cpu_decode_node_is_refused_and_it_keeps_serving(sw, sw_app, sw_client, engine):
+    """A cuda reference (well formed) reaching a node without CUDA: a clear KVRefError, the blob's
+    claim untouched, and the node serves the next request."""
+    from .test_kv_cuda import IPC
+
+    request_id = f"cudaref-{uuid.uuid4().hex[:10]}"
+    data, real = _fake_prefill(sw_app, engine, request_id, "shm")
+    data.update(kind="cuda", pool="", host=socket.gethostname(), ipc=IPC)
+    prefill_id = f"{request_id}-p"
+    sw_app.backend.store_result(prefill_id, data, states.SUCCESS)
+    _send_decode(sw_app, _worker(sw, "d1").node, request_id, prefill_id)
+    with pytest.raises(KVRefError, match="needs a CUDA decode node"):
+        sw_app.AsyncResult(f"{request_id}-d").get(timeout=60)
+    assert _redis(sw_app).hexists(keys.kv_held(TOPIC), real.location)
+    kvstore.discard(real, _redis(sw_app))
+    assert sw_client.submit("still serving", max_tokens=4).result(timeout=60).token_ids
 
 
 def test_no_decode_node_is_an_error_at_submit(redis_server):

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import socket
 import statistics
 import time
 from typing import Any
@@ -49,8 +50,7 @@ def _best(fn: Any, repeat: int) -> float:
 def _measure(client: Any, mb: int, repeat: int) -> dict[str, Any]:
     """One cache size: memcpy, raw Redis SET+GET(DEL) and each KV store, on the same bytes."""
     import numpy as np
-
-    from .. import kvstore
+    import torch
 
     cache = _cache_of(mb)
     nbytes = cache.nbytes
@@ -62,17 +62,50 @@ def _measure(client: Any, mb: int, repeat: int) -> dict[str, Any]:
     row: dict[str, Any] = {"size_mb": round(nbytes / (1 << 20), 1), "bytes": nbytes,
                            "memcpy_gb_s": nbytes / memcpy_s / 1e9, "memcpy_ms": memcpy_s * 1000,
                            "raw_redis_set_get_gb_s": nbytes / raw_redis_s / 1e9}
-    for kind in kvstore.STORES:
-        def round_trip(kind: str = kind) -> None:
-            ref = kvstore.put(cache, kind=kind, topic=TOPIC, request_id=f"b{mb}", owner="bench", host="bench",
-                              ttl_s=60, first_token=0, prompt_tokens=cache.num_tokens, client=client)
-            kvstore.take(ref, "cpu", client)
-        seconds = _best(round_trip, repeat)
+    for kind in ("shm", "redis"):
+        seconds = _best(lambda kind=kind: _round_trip(client, cache, kind, mb, "cpu"), repeat)
         row[f"{kind}_gb_s"] = nbytes / seconds / 1e9
         row[f"{kind}_ms"] = seconds * 1000
     row["shm_vs_memcpy"] = row["shm_gb_s"] / row["memcpy_gb_s"]
     row["redis_vs_raw_redis"] = row["redis_gb_s"] / row["raw_redis_set_get_gb_s"]
+    if torch.cuda.is_available():
+        row.update(_measure_cuda(client, cache, mb, repeat))
     return row
+
+
+def _round_trip(client: Any, cache: Any, kind: str, mb: int, device: str) -> None:
+    """Write a blob and take it back, as prefill and decode do (check, load, release)."""
+    from .. import kvstore
+
+    ref = kvstore.put(cache, kind=kind, topic=TOPIC, request_id=f"b{mb}", owner="bench", host=socket.gethostname(),
+                      ttl_s=60, first_token=0, prompt_tokens=cache.num_tokens, client=client)
+    kvstore.take(ref, device, client)
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _measure_cuda(client: Any, cache: Any, mb: int, repeat: int) -> dict[str, Any]:
+    """The cuda store against a device-to-device copy of the same bytes. In one process: the
+    buffer is taken from the producer's registry, not mapped by IPC (the other figures are the
+    same: copy in, checksum, header, share, claim, check, copy out)."""
+    import torch
+
+    from ..engine.base import KVCache
+
+    gpu = KVCache(keys=[t.cuda() for t in cache.keys], values=[t.cuda() for t in cache.values])
+    src = torch.cat([t.reshape(-1).view(torch.uint8) for t in gpu.tensors()])
+    dst = torch.empty_like(src)
+
+    def d2d() -> None:
+        dst.copy_(src)
+        torch.cuda.synchronize()
+
+    d2d_s = _best(d2d, repeat)
+    seconds = _best(lambda: _round_trip(client, gpu, "cuda", mb, "cuda"), repeat)
+    return {"d2d_copy_gb_s": cache.nbytes / d2d_s / 1e9, "cuda_gb_s": cache.nbytes / seconds / 1e9,
+            "cuda_ms": seconds * 1000, "cuda_vs_d2d_copy": d2d_s / seconds}
 
 
 def _stores(redis_server: RedisServer, repeat: int) -> list[dict[str, Any]]:
@@ -85,6 +118,9 @@ def _stores(redis_server: RedisServer, repeat: int) -> list[dict[str, Any]]:
                    f"shm {row['shm_gb_s']:6.2f} GB/s ({row['shm_vs_memcpy']:.0%} of memcpy)  "
                    f"redis {row['redis_gb_s']:6.2f} GB/s ({row['redis_vs_raw_redis']:.0%} of raw SET+GET "
                    f"{row['raw_redis_set_get_gb_s']:.2f} GB/s)")
+        if "cuda_gb_s" in row:
+            click.echo(f"{'':7} GPU   copy {row['d2d_copy_gb_s']:6.2f} GB/s  cuda {row['cuda_gb_s']:6.2f} GB/s "
+                       f"({row['cuda_vs_d2d_copy']:.0%} of a device copy, one process)")
     return rows
 
 
