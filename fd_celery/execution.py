@@ -455,7 +455,7 @@ def _hand_off(
             f"no live decode node in topic {run.config.scheduler_topic!r} when prefill of "
             f"request {run.request_id} ended"
         )
-    decode_node = placed[0]
+    decode_node, decode_role = placed
     kind = _store_for(run, decode_node)
     with redis_errors(run.config):
         ref = kvstore.put(
@@ -469,7 +469,9 @@ def _hand_off(
         decode = DecodeRequest(run.request_id, str(run.task.request.id), decode_node, request, submitted,
                                run.started, first_at)
         run.result_stored = True
+        # The queue is named here: placement just found the node live (the router need not ask again).
         run.task.app.send_task("fd.decode", kwargs=decode.to_kwargs(), task_id=str(uuid.uuid4()),
+                               queue=keys.node_queue(run.config.scheduler_topic, decode_role, decode_node),
                                ignore_result=True, headers={RESULT_HEADER: RESULT_DEFERRED})
     except Exception:
         kvstore.discard(ref, run.client)
@@ -486,14 +488,30 @@ def _hand_off(
 def _store_for(run: _Run, decode_node: str) -> str:
     """CUDA IPC or shared memory when the decode node is on this host (as both nodes' devices
     allow), Redis otherwise; ``FD_KV_STORE`` forces one."""
-    with redis_errors(run.config):
-        host, stores = run.client.hmget(keys.node_hash(run.config.scheduler_topic, decode_node), "host", "kv_stores")
-    same_host = host is not None and json.loads(host) == socket.gethostname()
+    host, stores = _node_kv_facts(run, decode_node)
     return kvstore.choose_store(
-        same_host=same_host, device=get_node_settings(run.task.app).device,
-        peer_stores=json.loads(stores) if stores is not None else None,
-        forced=os.environ.get("FD_KV_STORE", "auto"),
+        same_host=host == socket.gethostname(), device=get_node_settings(run.task.app).device,
+        peer_stores=stores, forced=os.environ.get("FD_KV_STORE", "auto"),
     )
+
+
+def _node_kv_facts(run: _Run, node: str) -> tuple[str | None, list[str] | None]:
+    """A decode node's host and KV stores: read once per expire period (they change only when a
+    node of that name comes back elsewhere), not on every hand-off."""
+    now = time.monotonic()
+    cached = _KV_FACTS.get(node)
+    if cached is not None and cached[0] > now:
+        return cached[1], cached[2]
+    with redis_errors(run.config):
+        host, stores = run.client.hmget(keys.node_hash(run.config.scheduler_topic, node), "host", "kv_stores")
+    facts = (json.loads(host) if host is not None else None, json.loads(stores) if stores is not None else None)
+    if len(_KV_FACTS) > 1024:
+        _KV_FACTS.clear()
+    _KV_FACTS[node] = (now + run.config.expire_period_s, *facts)
+    return facts
+
+
+_KV_FACTS: dict[str, tuple[float, str | None, list[str] | None]] = {}
 
 
 # --------------------------------------------------------------------------- fd.decode

@@ -221,14 +221,11 @@ def _as_bytes_tensor(part: Any) -> Any:
 def _header(ref: KVRef) -> bytes:
     """The blob's header is the whole reference but ``ipc`` (any edited field is a mismatch),
     padded with spaces so that the tensor bytes start at a multiple of :data:`ALIGN`."""
-    body = json.dumps(_header_dict(ref), sort_keys=True).encode()
+    body = json.dumps({name: value for name, value in ref.to_dict().items() if name in _HEADER_FIELDS},
+                      sort_keys=True).encode()
     head = len(MAGIC) + 4
     body += b" " * (-(head + len(body)) % ALIGN)
     return MAGIC + struct.pack("<I", len(body)) + body
-
-
-def _header_dict(ref: KVRef) -> dict[str, Any]:
-    return {name: value for name, value in ref.to_dict().items() if name in _HEADER_FIELDS}
 
 
 _CHECKSUM_PLACEHOLDER = "s64:" + "0" * 16
@@ -504,18 +501,20 @@ def take(ref: KVRef, device: str, client: redis.Redis | None = None) -> KVCache:
         return kvcuda.take(ref, device, client, _held_value(ref))
     if client is not None:
         client.hdel(keys.kv_held(ref.topic), ref.location)
+    header = _header(ref)  # what the blob must begin with, byte for byte
     if ref.kind == "shm":
-        buffer = _take_shm(ref)
+        buffer = _take_shm(ref, header)
     else:
         assert client is not None
         data = client.getdel(ref.location)
         if data is None:
             raise KVRefError(f"KV blob of request {ref.request_id} is missing (consumed or expired)")
         buffer = bytearray(data)  # writable, so tensors built on it are ordinary tensors
-    return _decode_blob(ref, buffer, device)
+        _check_header(ref, buffer, header)
+    return _decode_blob(ref, buffer, device, len(header))
 
 
-def _take_shm(ref: KVRef) -> Any:
+def _take_shm(ref: KVRef, header: bytes) -> Any:
     """Map the blob privately; take its name away at once, so that a second take finds it
     missing. A plain file is unlinked (the mapping keeps its pages); a pool slot is renamed to
     ``<free name>-held`` and goes back to its free name when the tensors on it are gone."""
@@ -526,7 +525,7 @@ def _take_shm(ref: KVRef) -> Any:
         raise KVRefError(f"KV blob {ref.location} is missing (consumed or expired)") from None
     try:
         stat = os.fstat(fd)
-        size = min(stat.st_size, len(_header(ref)) + ref.nbytes)
+        size = min(stat.st_size, len(header) + ref.nbytes)
         if size < len(MAGIC) + 4:
             raise KVRefError(f"KV blob of request {ref.request_id} is not an fd_celery blob")
         if ref.pool:
@@ -535,7 +534,7 @@ def _take_shm(ref: KVRef) -> Any:
             mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-    _check_header(ref, mm)  # before the blob is released: a mismatched reference leaves it be
+    _check_header(ref, mm, header)  # before the blob is released: a mismatched reference leaves it be
     if not ref.pool:
         _unlink_path(path)
         return mm
@@ -595,30 +594,23 @@ def _return_slot(held: str, free: str) -> None:
         pass  # swept meanwhile: the writer drops the slot after its lease
 
 
-def _check_header(ref: KVRef, buffer: Any) -> int:
-    """Where the tensor bytes start, once the blob's header is found to be ``ref`` itself."""
+def _check_header(ref: KVRef, buffer: Any, header: bytes) -> None:
+    """The blob must begin with ``header``, the one :func:`_header` makes of ``ref``: the writer
+    wrote exactly that, so any edited field (or another request's blob) is a mismatch."""
     view = memoryview(buffer)
-    if len(view) < len(MAGIC) + 4 or bytes(view[: len(MAGIC)]) != MAGIC:
+    if bytes(view[: len(MAGIC)]) != MAGIC:
         raise KVRefError(f"KV blob of request {ref.request_id} is not an fd_celery blob")
-    (length,) = struct.unpack("<I", view[len(MAGIC) : len(MAGIC) + 4])
-    start = len(MAGIC) + 4
-    try:
-        header = json.loads(bytes(view[start : start + length]))
-    except ValueError:
-        raise KVRefError(f"KV blob of request {ref.request_id} has a corrupt header") from None
-    if header != _header_dict(ref):
+    if bytes(view[: len(header)]) != header:
         raise KVRefError(f"KV reference of request {ref.request_id} does not match its blob (tampered?)")
-    return start + length
 
 
-def _decode_blob(ref: KVRef, buffer: Any, device: str) -> KVCache:
+def _decode_blob(ref: KVRef, buffer: Any, device: str, begin: int) -> KVCache:
+    """Tensors on the bytes after a checked header (``begin``), once they pass their checksum."""
     import torch
 
     from .engine.base import KVCache
 
-    view = memoryview(buffer)
-    begin = _check_header(ref, view)
-    data = view[begin : begin + ref.nbytes]
+    data = memoryview(buffer)[begin : begin + ref.nbytes]
     if len(data) != ref.nbytes or _checksum([data]) != ref.checksum:
         if ref.pool:
             _forget_slot(ref.pool)

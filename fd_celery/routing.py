@@ -65,7 +65,12 @@ def route_task(
     config = get_config(app)
     if name == "fd.decode":  # a continuation: already admitted, bounded by its KV reference
         decode = parse_decode_kwargs(kwargs if kwargs is not None else {})
-        return {"queue": _node_queue(config, decode.node), "kwargsrepr": f"{{request_id={decode.request_id!r}}}"}
+        named = getattr(options.get("queue"), "name", options.get("queue"))  # (Celery made it a Queue)
+        if isinstance(named, str) and named.endswith(f".{decode.node}"):
+            queue = named  # prefill names it: its placement just saw the node live
+        else:
+            queue = _node_queue(config, decode.node)
+        return {"queue": queue, "kwargsrepr": f"{{request_id={decode.request_id!r}}}"}
     request = parse_request(kwargs if kwargs is not None else {})
     now = time.time()
     headers: dict[str, Any] = {"fd_submitted": now, "fd_deadline": now + config.ttl_s}

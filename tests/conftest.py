@@ -21,6 +21,14 @@ from fd_celery.local_cluster import LocalCluster, RedisServer
 
 TOPIC = "test"
 
+#: A well-formed ``ipc`` object of a cuda KV reference, as torch's ``_share_cuda_`` gives it
+#: (base64 of 64-byte CUDA handles): for checking references where no GPU is.
+CUDA_IPC: dict[str, Any] = {
+    "pid": 4242, "device": 0, "handle": "QUJD" * 21 + "QQ==", "storage_bytes": 1 << 20, "storage_offset": 0,
+    "counter": "/torch_4242_3141592653_0", "counter_offset": 7, "event": "RVZU" * 21 + "RQ==",
+    "event_sync": True,
+}
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:

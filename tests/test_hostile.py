@@ -41,6 +41,8 @@ from fd_celery.errors import FDCeleryError, InvalidRequest, KVRefError, NoNodeAv
 from fd_celery.local_cluster import LocalCluster, RedisServer, WorkerProcess
 from fd_celery.protocol import MAX_TOKENS_LIMIT
 
+from .conftest import CUDA_IPC
+
 HOSTILE_TOPIC = "hostile"
 FIELDS = ("prompt", "token_ids", "max_tokens", "temperature", "seed", "node")
 SETTINGS = settings(
@@ -235,10 +237,11 @@ def _valid_ref_dict(kind: str = "redis", topic: str = "t1", request_id: str = "r
     name = f"{kvstore.SHM_PREFIX}{topic}-{request_id}-{token}"
     shapes = [[1, 2, 4, 8]] * 4
     return {
-        "kind": kind, "location": name if kind == "shm" else f"fd:{topic}:kv:{name}", "topic": topic,
+        "kind": kind, "location": f"fd:{topic}:kv:{name}" if kind == "redis" else name, "topic": topic,
         "request_id": request_id, "token": token, "dtype": "float32", "shapes": shapes, "num_tokens": 4,
         "nbytes": 4 * 64 * 4, "checksum": "sx64:0:0", "owner": "p@h", "host": "h",
         "expires_at": time.time() + 3600, "first_token": 5, "prompt_tokens": 4, "version": 1,
+        **({"ipc": dict(CUDA_IPC)} if kind == "cuda" else {}),
     }
 
 
@@ -247,7 +250,7 @@ _NAMESPACE = re.compile(r"fd:[A-Za-z0-9_.-]{1,64}:kv:fdkv-[A-Za-z0-9_.:\-]+")
 
 def _assert_in_namespace(ref: kvstore.KVRef) -> None:
     assert ref.kind in kvstore.STORES
-    if ref.kind == "shm":
+    if ref.kind in ("shm", "cuda"):  # a file name in /dev/shm, or (cuda) the blob's name
         path = os.path.realpath(os.path.join(kvstore.SHM_DIR, ref.location))
         assert os.path.dirname(path) == os.path.realpath(kvstore.SHM_DIR), path
         assert ref.location.startswith(kvstore.SHM_PREFIX) and "/" not in ref.location

@@ -31,14 +31,9 @@ from fd_celery import keys, kvcuda, kvstore
 from fd_celery.errors import KVRefError
 from fd_celery.local_cluster import LocalCluster, RedisServer
 
+from .conftest import CUDA_IPC as IPC
 from .conftest import reference_tokens
 
-#: A well-formed ipc object, as torch's ``_share_cuda_`` gives it (base64 of 64-byte handles).
-IPC: dict[str, Any] = {
-    "pid": 4242, "device": 0, "handle": "QUJD" * 21 + "QQ==", "storage_bytes": 1 << 20, "storage_offset": 0,
-    "counter": "/torch_4242_3141592653_0", "counter_offset": 7, "event": "RVZU" * 21 + "RQ==",
-    "event_sync": True,
-}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch sees no GPU here)")
 
 

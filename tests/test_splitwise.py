@@ -28,7 +28,7 @@ from fd_celery.engine import SamplingParams
 from fd_celery.errors import KVRefError, NoNodeAvailable
 from fd_celery.local_cluster import LocalCluster, RedisServer
 
-from .conftest import reference_tokens
+from .conftest import CUDA_IPC, reference_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -190,11 +190,9 @@ def test_nodes_publish_the_kv_stores_they_take(sw, sw_app):
 def test_cuda_reference_on_a_cpu_decode_node_is_refused_and_it_keeps_serving(sw, sw_app, sw_client, engine):
     """A cuda reference (well formed) reaching a node without CUDA: a clear KVRefError, the blob's
     claim untouched, and the node serves the next request."""
-    from .test_kv_cuda import IPC
-
     request_id = f"cudaref-{uuid.uuid4().hex[:10]}"
     data, real = _fake_prefill(sw_app, engine, request_id, "shm")
-    data.update(kind="cuda", pool="", host=socket.gethostname(), ipc=IPC)
+    data.update(kind="cuda", pool="", host=socket.gethostname(), ipc=CUDA_IPC)
     prefill_id = f"{request_id}-p"
     sw_app.backend.store_result(prefill_id, data, states.SUCCESS)
     _send_decode(sw_app, _worker(sw, "d1").node, request_id, prefill_id)
