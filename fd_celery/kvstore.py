@@ -198,15 +198,47 @@ def _checksum(parts: list[Any]) -> str:
     chunks = [_as_bytes_tensor(p) for p in parts]
     if any(len(c) % 8 for c in chunks[:-1]):  # words would straddle parts: sum the joined run
         chunks = [torch.cat(chunks)]
-    total = 0
-    for chunk in chunks:
-        whole = len(chunk) - len(chunk) % 8
-        if whole:
-            total += int(chunk[:whole].view(torch.int64).sum())
-        tail = bytes(chunk[whole:].tolist())
-        if tail:
-            total += int.from_bytes(tail.ljust(8, b"\0"), "little", signed=True)
+    return _fingerprint(sum(_word_sum(chunk) for chunk in chunks))
+
+
+def _word_sum(chunk: Any) -> int:
+    """The sum of a uint8 tensor's little-endian 64-bit words (a last partial word zero-padded)."""
+    import torch
+
+    whole = len(chunk) - len(chunk) % 8
+    total = int(chunk[:whole].view(torch.int64).sum()) if whole else 0
+    tail = bytes(chunk[whole:].tolist())
+    return total + int.from_bytes(tail.ljust(8, b"\0"), "little", signed=True) if tail else total
+
+
+def _fingerprint(total: int) -> str:
     return f"s64:{total % (1 << 64):016x}"
+
+
+#: The copy into a pool slot sums each window while it is still in the core's cache.
+_COPY_WINDOW = 1 << 20
+
+
+def _copy_summed(dest: Any, parts: list[Any]) -> str:
+    """Copy ``parts`` one after the other into the uint8 tensor ``dest`` and return the
+    :func:`_checksum` of the copy, in one pass: window by window, each summed right after it is
+    written."""
+    total, pos, window_end = 0, 0, 0
+    summed = 0
+    for part in parts:
+        offset = 0
+        while offset < len(part):
+            if pos == window_end:
+                window_end = pos + _COPY_WINDOW
+            n = min(len(part) - offset, window_end - pos)
+            dest[pos : pos + n].copy_(part[offset : offset + n])
+            pos, offset = pos + n, offset + n
+            if pos == window_end:
+                total += _word_sum(dest[summed:pos])
+                summed = pos
+    if pos > summed:
+        total += _word_sum(dest[summed:pos])
+    return _fingerprint(total)
 
 
 def _as_bytes_tensor(part: Any) -> Any:
@@ -289,18 +321,15 @@ def _held_value(ref: KVRef) -> str:
 
 
 def _put_pooled(slot: _Slot, ref: KVRef, raw: list[Any]) -> KVRef:
-    """Copy the tensors into a recycled file whose pages are already mapped (one memcpy on every
-    core, no page faults), sum them there, then write the header in front."""
+    """Copy the tensors into a recycled file whose pages are already mapped (a memcpy on every
+    core, no page faults), summing them on the way, then write the header in front."""
     import dataclasses
 
     try:
         ref = dataclasses.replace(ref, pool=slot.free_name)
         start = len(_header(ref))  # the checksum is fixed-width: the final header is as long
-        offset = start
-        for part in raw:
-            slot.view[offset : offset + len(part)].copy_(part)
-            offset += len(part)
-        ref = dataclasses.replace(ref, checksum=_checksum([slot.view[start:offset]]))
+        checksum = _copy_summed(slot.view[start : start + ref.nbytes], raw)
+        ref = dataclasses.replace(ref, checksum=checksum)
         header = _header(ref)
         assert len(header) == start
         slot.view[:start].copy_(_as_bytes_tensor(bytearray(header)))

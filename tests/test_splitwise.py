@@ -340,3 +340,20 @@ def test_shm_pool_name_cannot_leave_the_store(engine):
             kvstore.take(edited, "cpu")
     finally:
         kvstore.discard(ref)
+
+
+@pytest.mark.parametrize("window", [8, 64, 1 << 20])
+def test_pool_copy_sums_what_it_copies(window, monkeypatch):
+    """The pool's one-pass copy gives the checksum of the plain sum, whatever the part sizes
+    (float32 parts of odd length put words across parts) and wherever the windows fall."""
+    import random
+
+    monkeypatch.setattr(kvstore, "_COPY_WINDOW", window)
+    rng = random.Random(window)
+    for _ in range(200):
+        parts = [torch.randint(0, 256, (rng.choice([0, 1, 3, 4, 7, 8, 60, 64, 65, 200]),), dtype=torch.uint8)
+                 for _ in range(rng.randint(0, 6))]
+        dest = torch.empty(sum(len(p) for p in parts), dtype=torch.uint8)
+        checksum = kvstore._copy_summed(dest, parts)
+        assert torch.equal(dest, torch.cat(parts)) if parts else len(dest) == 0
+        assert checksum == kvstore._checksum(parts)

@@ -72,8 +72,9 @@ def steal(num_requests: int, tokens: int, ms_per_token: float, out_dir: str) -> 
 
 
 @bench.command()
-@click.option("--repeat", type=click.IntRange(1, 50), default=5, show_default=True,
-              help="Round trips per size and store; the best counts.")
+@click.option("--repeat", type=click.IntRange(1, 50), default=10, show_default=True,
+              help="Rounds per size (each round runs the baselines and every store once, in turn); "
+                   "the best of each counts.")
 @click.option("--requests", "num_requests", type=click.IntRange(1, 10_000), default=50, show_default=True,
               help="Split requests whose hand-off latency is measured.")
 @click.option("--stream-tokens", type=click.IntRange(10, 10_000), default=400, show_default=True,
