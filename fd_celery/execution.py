@@ -124,7 +124,7 @@ class _Output:
         self.buffer = []
         stored = self.writer.finish(self.key, items, retention_s)
         if stored == ours:  # this run ended the request (not an earlier one): count it once
-            self.writer.defer(lambda: _record_end(self.writer, self.topic, self.node, ours))
+            self.writer.defer(lambda pipe: _record_end(pipe, self.topic, self.node, ours), retry=False)
         return stored
 
     def fail(self, exc: FDCeleryError) -> dict[str, Any]:
@@ -166,7 +166,7 @@ class _Run:
         # (task.request belongs to this thread; the backend record is the task's, which for
         # fd.decode is not the request's id)
         backend, node, task_id = task.backend, str(task.request.hostname), str(task.request.id)
-        out.writer.defer(lambda: _mark_started(backend, client, task_id, node), key=out.key)
+        out.writer.defer(lambda pipe: _mark_started(backend, pipe, task_id, node), key=out.key)
         return cls(task, config, client, request_id, out, previous, time.time())
 
     @property
@@ -180,14 +180,14 @@ class _Run:
         return False
 
 
-def _mark_started(backend: Any, client: Any, task_id: str, node: str) -> None:
+def _mark_started(backend: Any, pipe: Any, task_id: str, node: str) -> None:
     """Celery's STARTED state (what ``track_started`` would store), written by a writer thread
     before any output of the request. ``NX``: it never replaces the state of a run that already
     ended (SUCCESS or FAILURE stored first) nor an earlier run's STARTED. Callers see it as
     ``AsyncResult.state``; ``RequestHandle`` counts on it to tell a request that started before
     its deadline from one that never started."""
     key, payload = _backend_record(backend, task_id, states.STARTED, {"pid": os.getpid(), "hostname": node}, None)
-    client.set(key, payload, nx=True, ex=_result_expiry_s(backend))
+    pipe.set(key, payload, nx=True, ex=_result_expiry_s(backend))
 
 
 def _backend_record(backend: Any, task_id: str, status: str, result: Any, date_done: str | None) -> tuple[str, bytes]:
@@ -202,19 +202,18 @@ def _result_expiry_s(backend: Any) -> int:
     return int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 86400)
 
 
-def _record_end(writer: OutputWriter, topic: str, node: str, end: dict[str, Any]) -> None:
+def _record_end(pipe: Any, topic: str, node: str, end: dict[str, Any]) -> None:
     from . import metrics
 
-    client = writer.client
     result = end.get("result")
     if isinstance(result, dict):
         served = result.get("served_by") or [node]
-        metrics.record_end(client, topic, node, "ok", result.get("ttft_s"), result.get("tpot_s"),
+        metrics.record_end(pipe, topic, node, "ok", result.get("ttft_s"), result.get("tpot_s"),
                            len(result.get("token_ids") or ()),
                            first_node=served[0] if len(served) > 1 else None)
     else:
         error = end.get("error") if isinstance(end.get("error"), dict) else {}
-        metrics.record_end(client, topic, node, str(error.get("type", "WorkerError")), None, None, 0)
+        metrics.record_end(pipe, topic, node, str(error.get("type", "WorkerError")), None, None, 0)
 
 
 def _header(task: Task, name: str) -> float | None:
@@ -239,12 +238,12 @@ def _guarded(run: _Run, work: Any) -> dict[str, Any]:
         logger.exception("request %s failed in the engine", run.request_id)
         return run.out.fail(WorkerError(f"the worker failed the request: {type(exc).__name__}: {exc}"))
     if run.task.request.get(RESULT_HEADER) == RESULT_DEFERRED and not run.result_stored:  # Client.submit
-        backend, client, task_id = run.task.backend, run.client, str(run.task.request.id)
-        run.out.writer.defer(lambda: _store_success(backend, client, task_id, result), key=run.out.key)
+        backend, task_id = run.task.backend, str(run.task.request.id)
+        run.out.writer.defer(lambda pipe: _store_success(backend, pipe, task_id, result), key=run.out.key)
     return result
 
 
-def _store_success(backend: Any, client: Any, task_id: str, result: dict[str, Any]) -> None:
+def _store_success(backend: Any, pipe: Any, task_id: str, result: dict[str, Any]) -> None:
     """The SUCCESS record Celery would store, from a writer thread: for requests whose caller
     reads the output stream (``Client.submit`` sends them with ``ignore_result``, so Celery does
     not store it on the request's path with its read-before-write). Same key, same encoding, and
@@ -253,10 +252,8 @@ def _store_success(backend: Any, client: Any, task_id: str, result: dict[str, An
 
     key, payload = _backend_record(backend, task_id, states.SUCCESS, result,
                                    datetime.now(timezone.utc).isoformat())
-    pipe = client.pipeline(transaction=False)
     pipe.set(key, payload, ex=_result_expiry_s(backend))
     pipe.publish(key, payload)
-    pipe.execute()
 
 
 # --------------------------------------------------------------------------- checks
@@ -480,8 +477,8 @@ def _hand_off(
                 run.request_id, ref.nbytes, ref.kind, decode_node)
     from . import metrics
 
-    run.out.writer.defer(lambda: metrics.record_handoff(run.client, run.config.scheduler_topic, run.node,
-                                                        ref.nbytes, ref.kind))
+    run.out.writer.defer(lambda pipe: metrics.record_handoff(pipe, run.config.scheduler_topic, run.node,
+                                                             ref.nbytes, ref.kind), retry=False)
     return ref.to_dict()
 
 

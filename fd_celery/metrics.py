@@ -110,12 +110,13 @@ def record_end(
     ``ttft_s`` and ``tpot_s`` go into the histograms when given (``tpot_s`` only when more than
     one token was produced). In splitwise the decode node ends the request but the prefill node
     produced the first token: pass it as ``first_node`` and TTFT is counted there.
+    ``client`` may be a pipeline: the commands are queued on it, for its owner to execute.
     Never raises: Redis errors are logged and swallowed.
     """
     try:
         node_l = _label(node)
         count = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 0
-        pipe = client.pipeline(transaction=False)
+        pipe, own = _pipeline(client)
         pipe.hincrby(metrics_key(topic, "requests"), f"{node_l}|{_label(outcome)}", 1)
         if count:
             pipe.hincrby(metrics_key(topic, "tokens"), node_l, count)
@@ -123,7 +124,8 @@ def record_end(
                  TTFT_BUCKETS)
         if count > 1:
             _observe(pipe, metrics_key(topic, "tpot"), node_l, tpot_s, TPOT_BUCKETS)
-        pipe.execute()
+        if own:
+            pipe.execute()
     except Exception as exc:  # never fail a request for a metric
         logger.warning("could not record the end of a request in the metrics: %s", exc)
 
@@ -144,15 +146,24 @@ def record_given_back(client: redis.Redis, topic: str, node: str, count: int) ->
         logger.warning("could not record requests given back in the metrics: %s", exc)
 
 
+def _pipeline(target: Any) -> tuple[Any, bool]:
+    """Where the commands of a record go: ``target`` itself if it is a pipeline (its owner, a
+    writer thread, executes it with other work), else a pipeline of our own, executed here."""
+    if isinstance(target, redis.client.Pipeline):
+        return target, False
+    return target.pipeline(transaction=False), True
+
+
 def record_handoff(client: redis.Redis, topic: str, node: str, nbytes: int, kind: str) -> None:
     """``node`` (a prefill node) handed a KV cache of ``nbytes`` to decode through store ``kind``."""
     try:
         field = f"{_label(node)}|{_label(kind)}"
-        pipe = client.pipeline(transaction=False)
+        pipe, own = _pipeline(client)
         pipe.hincrby(metrics_key(topic, "handoffs"), f"{field}:count", 1)
         if isinstance(nbytes, int) and nbytes > 0:
             pipe.hincrby(metrics_key(topic, "handoffs"), f"{field}:bytes", nbytes)
-        pipe.execute()
+        if own:
+            pipe.execute()
     except Exception as exc:
         logger.warning("could not record a KV hand-off in the metrics: %s", exc)
 

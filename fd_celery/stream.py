@@ -101,6 +101,17 @@ class _Pending:
     error: BaseException | None = None
 
 
+@dataclass
+class _Deferred:
+    """Bookkeeping for a writer thread (a STARTED or SUCCESS record, metrics): ``work(pipe)``
+    queues its commands on the thread's pipeline, which carries them with the batch's appends,
+    in queue order, in one round trip. ``retry``: safe to send again after a write that may or
+    may not have been applied (a counter increment is not)."""
+
+    work: Callable[[Any], None]
+    retry: bool = True
+
+
 class OutputWriter:
     """Writer threads that batch stream appends. One per process; start lazily after a fork."""
 
@@ -108,7 +119,7 @@ class OutputWriter:
         self.client = client
         self._batch_size = batch_size
         self._script = client.register_script(_APPEND)
-        self._queues: list[queue.SimpleQueue[_Pending]] = [queue.SimpleQueue() for _ in range(parallel)]
+        self._queues: list[queue.SimpleQueue[_Pending | _Deferred]] = [queue.SimpleQueue() for _ in range(parallel)]
         self._pid = os.getpid()
         self._failed: dict[str, BaseException] = {}  # stream key -> error of a lost chunk write
         self._outstanding: dict[str, int] = {}  # stream key -> writes queued, not yet stored
@@ -119,7 +130,7 @@ class OutputWriter:
             )
             thread.start()
 
-    def _queue_for(self, key: str) -> queue.SimpleQueue[_Pending]:
+    def _queue_for(self, key: str) -> queue.SimpleQueue[_Pending | _Deferred]:
         return self._queues[zlib.crc32(key.encode()) % len(self._queues)]
 
     def write(self, key: str, items: list[tuple[int, dict[str, Any]]], ttl_s: float) -> None:
@@ -166,13 +177,14 @@ class OutputWriter:
         assert pending.reply is not None
         return dict(json.loads(pending.reply))
 
-    def defer(self, work: Callable[[], None], key: str | None = None) -> None:
-        """Run ``work`` on a writer thread, off the request's path (metrics, bookkeeping). With
-        ``key``, on that stream's writer, in order with its writes: before any write queued
-        after it."""
-        (self._queue_for(key) if key is not None else self._queues[0]).put(work)  # type: ignore[arg-type]
+    def defer(self, work: Callable[[Any], None], key: str | None = None, retry: bool = True) -> None:
+        """Queue Redis commands for a writer thread, off the request's path: ``work(pipe)`` puts
+        them on the pipeline that thread sends with its next batch (it must not execute it).
+        With ``key``, on that stream's writer, in order with its writes. ``retry=False`` for
+        commands that must not be sent twice (they are dropped if their batch fails)."""
+        (self._queue_for(key) if key is not None else self._queues[0]).put(_Deferred(work, retry))
 
-    def _run(self, q: queue.SimpleQueue[_Pending]) -> None:
+    def _run(self, q: queue.SimpleQueue[_Pending | _Deferred]) -> None:
         while True:
             batch = [q.get()]
             while len(batch) < self._batch_size:
@@ -180,41 +192,59 @@ class OutputWriter:
                     batch.append(q.get_nowait())
                 except queue.Empty:
                     break
-            writes: list[_Pending] = []
-            for item in batch:  # in queue order: writes batched up to each piece of work
-                if not callable(item):
-                    writes.append(item)
-                    continue
-                if writes:
-                    self._flush(writes)
-                    writes = []
-                try:
-                    item()
-                except Exception:
-                    logger.exception("deferred work failed")
-            if writes:
-                self._flush(writes)
+            self._flush(batch)
 
-    def _flush(self, batch: list[_Pending]) -> None:
-        # Consecutive entries of one request go in one script call; a final entry closes a call.
-        calls: list[list[_Pending]] = []
-        for item in batch:
-            if calls and calls[-1][0].key == item.key and not calls[-1][-1].final:
-                calls[-1].append(item)
+    def _send(self, calls: list[list[_Pending] | _Deferred]) -> list[Any]:
+        """One pipeline, one round trip: each call's reply (for deferred work, its first error or
+        None). The append script goes by its sha (a registered script in a pipeline would ask
+        Redis whether it exists first: one more round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        spans: list[int] = []
+        for call in calls:
+            start = len(pipe.command_stack)
+            if isinstance(call, list):
+                args: list[Any] = [call[-1].ttl_ms]
+                for member in call:
+                    for seq, payload in member.items:
+                        args.extend((seq, payload))
+                args.append("1" if call[-1].final else "0")
+                pipe.evalsha(self._script.sha, 1, call[0].key, *args)
             else:
-                calls.append([item])
+                try:
+                    call.work(pipe)
+                except Exception:  # a bug in the work: drop what it queued, keep the batch
+                    logger.exception("deferred work failed")
+                    del pipe.command_stack[start:]
+            spans.append(len(pipe.command_stack) - start)
+        raw = pipe.execute(raise_on_error=False) if pipe.command_stack else []
+        out, index = [], 0
+        for count in spans:
+            mine = raw[index : index + count]
+            index += count
+            out.append(mine[0] if count == 1 else next((r for r in mine if isinstance(r, Exception)), None))
+        return out
+
+    def _flush(self, batch: list[_Pending | _Deferred]) -> None:
+        """One pipeline for the batch, in queue order: consecutive entries of one request in one
+        script call (a final entry closes a call), deferred work's commands between them."""
+        calls: list[list[_Pending] | _Deferred] = []
+        for item in batch:
+            last = calls[-1] if calls else None
+            if isinstance(item, _Pending) and isinstance(last, list) and last[0].key == item.key and not last[-1].final:
+                last.append(item)
+            else:
+                calls.append([item] if isinstance(item, _Pending) else item)
         replies: list[Any] = []
         for attempt, pause_s in enumerate((*WRITE_RETRY_PAUSES_S, None)):
             try:
-                pipe = self.client.pipeline(transaction=False)
-                for members in calls:
-                    args: list[Any] = [members[-1].ttl_ms]
-                    for member in members:
-                        for seq, payload in member.items:
-                            args.extend((seq, payload))
-                    args.append("1" if members[-1].final else "0")
-                    self._script(keys=[members[0].key], args=args, client=pipe)
-                replies = pipe.execute()
+                sent = [c for c in calls if isinstance(c, list) or attempt == 0 or c.retry]
+                replies = self._send(sent)
+                missing = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+                if missing:  # Redis restarted (or its scripts were flushed): load it, send those again
+                    self._script.sha = self.client.script_load(_APPEND)
+                    for i, reply in zip(missing, self._send([sent[i] for i in missing])):
+                        replies[i] = reply
+                calls = sent
                 break
             except redis.RedisError as exc:  # appends are idempotent: a retry cannot duplicate
                 if pause_s is None:
@@ -223,7 +253,13 @@ class OutputWriter:
                     break
                 logger.warning("output stream write failed (%s); retrying in %.1fs", exc, pause_s)
                 time.sleep(pause_s)
-        for members, reply in zip(calls, replies):
+        appends: list[tuple[list[_Pending], Any]] = []
+        for call, reply in zip(calls, replies):
+            if isinstance(call, list):
+                appends.append((call, reply))
+            elif isinstance(reply, Exception):
+                logger.warning("deferred bookkeeping failed: %s", reply)
+        for members, reply in appends:
             for member in members:
                 if isinstance(reply, Exception):
                     member.error = reply
