@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import keys
 from .errors import KVRefError
+from .kvstore import _ITEMSIZE, _alive, _as_bytes_tensor, _checksum, _header, _numel
 
 if TYPE_CHECKING:
     import redis
@@ -203,8 +204,6 @@ def put(ref: KVRef, tensors: list[Any], client: redis.Redis | None) -> KVRef:
     and return ``ref`` completed with its checksum and ``ipc`` object."""
     import torch
 
-    from .kvstore import _as_bytes_tensor, _checksum, _header
-
     if client is None:
         raise KVRefError("the cuda KV store needs a Redis client (its claims live there)")
     devices = {t.device for t in tensors}
@@ -279,8 +278,6 @@ def _open(ref: KVRef) -> Any:
     import torch
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    from .kvstore import _header
-
     ipc = ref.ipc
     assert ipc is not None
     total = len(_header(ref)) + ref.nbytes
@@ -307,7 +304,6 @@ def _load(ref: KVRef, holder: list[Any], device: str) -> KVCache:
     import torch
 
     from .engine.base import KVCache
-    from .kvstore import _ITEMSIZE, _checksum, _header, _numel
 
     header = _header(ref)
     buf = holder.pop()
@@ -325,13 +321,3 @@ def _load(ref: KVRef, holder: list[Any], device: str) -> KVCache:
         tensors.append(data[offset : offset + n].view(dtype).reshape(shape))
         offset += n
     return KVCache(keys=tensors[0::2], values=tensors[1::2])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
