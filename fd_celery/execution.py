@@ -186,15 +186,35 @@ def _mark_started(backend: Any, pipe: Any, task_id: str, node: str) -> None:
     ended (SUCCESS or FAILURE stored first) nor an earlier run's STARTED. Callers see it as
     ``AsyncResult.state``; ``RequestHandle`` counts on it to tell a request that started before
     its deadline from one that never started."""
-    key, payload = _backend_record(backend, task_id, states.STARTED, {"pid": os.getpid(), "hostname": node}, None)
-    pipe.set(key, payload, nx=True, ex=_result_expiry_s(backend))
+    _write_record(backend, pipe, task_id, states.STARTED, {"pid": os.getpid(), "hostname": node}, None)
 
 
-def _backend_record(backend: Any, task_id: str, status: str, result: Any, date_done: str | None) -> tuple[str, bytes]:
-    """The key and encoded value Celery's result backend keeps for a task in ``status``."""
+def _write_record(backend: Any, pipe: Any, task_id: str, status: str, result: Any, date_done: str | None) -> None:
+    """The record Celery's result backend keeps for a task in ``status``: same key, same
+    encoding. On the writer's pipeline when the backend is the scheduler's Redis (the derived
+    setup); on the backend's own Redis, at once, when the app chose another; through Celery's
+    own ``store_result`` for a backend that is not Redis. STARTED never replaces a record (NX);
+    SUCCESS is also published, for ``AsyncResult.get()`` callers waiting on the channel."""
+    if not (hasattr(backend, "client") and hasattr(backend, "get_key_for_task")):
+        backend.store_result(task_id, result, status)
+        return
     meta = {"status": status, "result": result, "traceback": None, "children": [], "date_done": date_done,
             "task_id": task_id}
-    return backend.get_key_for_task(task_id), backend.encode(meta)
+    key, payload = backend.get_key_for_task(task_id), backend.encode(meta)
+    own = None if _same_redis(backend, pipe) else backend.client.pipeline(transaction=False)
+    target = pipe if own is None else own
+    target.set(key, payload, nx=status == states.STARTED, ex=_result_expiry_s(backend))
+    if status == states.SUCCESS:
+        target.publish(key, payload)
+    if own is not None:
+        own.execute()
+
+
+def _same_redis(backend: Any, pipe: Any) -> bool:
+    """Whether the result backend's Redis (server and database) is the one ``pipe`` talks to."""
+    params = getattr(backend, "connparams", None)
+    mine = pipe.connection_pool.connection_kwargs
+    return isinstance(params, dict) and all(params.get(k) == mine.get(k) for k in ("host", "port", "path", "db"))
 
 
 def _result_expiry_s(backend: Any) -> int:
@@ -246,14 +266,11 @@ def _guarded(run: _Run, work: Any) -> dict[str, Any]:
 def _store_success(backend: Any, pipe: Any, task_id: str, result: dict[str, Any]) -> None:
     """The SUCCESS record Celery would store, from a writer thread: for requests whose caller
     reads the output stream (``Client.submit`` sends them with ``ignore_result``, so Celery does
-    not store it on the request's path with its read-before-write). Same key, same encoding, and
-    published, so ``AsyncResult.get()`` sees it as it would Celery's own."""
+    not store it on the request's path with its read-before-write); ``AsyncResult.get()`` sees it
+    as it would Celery's own."""
     from datetime import datetime, timezone
 
-    key, payload = _backend_record(backend, task_id, states.SUCCESS, result,
-                                   datetime.now(timezone.utc).isoformat())
-    pipe.set(key, payload, ex=_result_expiry_s(backend))
-    pipe.publish(key, payload)
+    _write_record(backend, pipe, task_id, states.SUCCESS, result, datetime.now(timezone.utc).isoformat())
 
 
 # --------------------------------------------------------------------------- checks

@@ -128,3 +128,30 @@ def test_backend_state_is_started_while_running_and_success_after(client):
     assert first.token_ids and long.async_result.state == "STARTED"
     assert long.async_result.info["hostname"] and long.async_result.info["pid"]
     long.result(timeout=60)
+
+
+def test_an_app_with_a_result_backend_of_its_own_gets_the_records(redis_server):
+    """The app chose its own result backend (database 1; the scheduler uses 0): the worker's
+    STARTED and SUCCESS records of a Client request land there, where AsyncResult looks."""
+    import time
+    import uuid
+
+    from fd_celery.local_cluster import LocalCluster
+
+    topic, backend_url = f"own-backend-{uuid.uuid4().hex[:6]}", redis_server.url(1)
+    env = {"FD_SCHEDULER_TOPIC": topic, "FD_TEST_RESULT_BACKEND": backend_url, "FD_MODEL": "bench-sleep:20"}
+    with LocalCluster(redis_server, env=env) as cluster:
+        worker = cluster.add_worker("ob", app="tests.backend_app")
+        cluster.wait_live([worker.node], topic=topic)
+        app = Celery("client-own-backend", set_as_current=False)
+        app.conf.result_backend = backend_url
+        fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=topic)
+        handle = fd_celery.Client(app).submit("own backend", max_tokens=25)
+        seen, deadline = set(), time.monotonic() + 30
+        while "SUCCESS" not in seen and time.monotonic() < deadline:
+            seen.add(handle.async_result.state)
+            time.sleep(0.02)
+        result = handle.result(timeout=10)
+        assert "STARTED" in seen and "SUCCESS" in seen, seen
+        assert app.AsyncResult(handle.request_id).get(timeout=10)["token_ids"] == list(result.token_ids)
+        assert not redis_server.client(0).exists(f"celery-task-meta-{handle.request_id}")
