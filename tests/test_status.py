@@ -71,9 +71,9 @@ def test_lists_exactly_the_live_nodes_of_the_session_cluster(redis_server, clust
     lines = table.stdout.splitlines()
     assert f"topic '{TOPIC}'" in lines[0] and "1 live node(s)" in lines[0]
     for heading in ("node", "role", "load", "queue", "slots", "running", "heartbeat", "stole",
-                    "stolen from", "KV held"):
+                    "stolen from", "KV held", "KV stores"):
         assert heading in lines[1], lines[1]
-    assert lines[2].startswith(cluster.workers[0].node)
+    assert lines[2].startswith(cluster.workers[0].node) and " shm,redis " in lines[2]
 
 
 def test_shows_how_many_messages_the_nodes_refused(redis_server, cluster):

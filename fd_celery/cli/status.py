@@ -36,6 +36,7 @@ COLUMNS = (
     ("steals_made", "stole"),
     ("steals_suffered", "stolen from"),
     ("kv_bytes", "KV held"),
+    ("kv_stores", "KV stores"),
     ("model", "model"),
     ("device", "device"),
 )
@@ -115,6 +116,8 @@ def _int(value: Any) -> int:
 def _cell(field: str, value: Any) -> str:
     if field == "kv_bytes":
         return _bytes(int(value or 0))
+    if field == "kv_stores":  # the stores a node takes blobs from, as it published them
+        return ",".join(value) if isinstance(value, list) else ""
     if field == "heartbeat_age_s":
         return f"{float(value):.1f}s"
     if field == "load_score":
