@@ -475,11 +475,10 @@ def _hand_off(
         ref = kvstore.put(
             cache, kind=kind, topic=run.config.scheduler_topic, request_id=run.request_id, owner=run.node,
             host=socket.gethostname(), ttl_s=run.config.ttl_s, first_token=first,
-            prompt_tokens=len(prompt_ids), client=run.client,
+            prompt_tokens=len(prompt_ids), client=run.client, hold=False,
         )
     try:
-        # The reference travels through the result backend: stored before decode is sent.
-        run.task.backend.store_result(run.task.request.id, ref.to_dict(), states.SUCCESS, request=run.task.request)
+        _publish_reference(run, ref)
         decode = DecodeRequest(run.request_id, str(run.task.request.id), decode_node, request, submitted,
                                run.started, first_at)
         run.result_stored = True
@@ -497,6 +496,19 @@ def _hand_off(
     run.out.writer.defer(lambda pipe: metrics.record_handoff(pipe, run.config.scheduler_topic, run.node,
                                                              ref.nbytes, ref.kind), retry=False)
     return ref.to_dict()
+
+
+def _publish_reference(run: _Run, ref: kvstore.KVRef) -> None:
+    """The reference travels through the result backend: stored as the prefill task's SUCCESS
+    before decode is sent, in one round trip with the blob's bytes-held entry."""
+    from datetime import datetime, timezone
+
+    with redis_errors(run.config):
+        pipe = run.client.pipeline(transaction=False)
+        kvstore.note_held(pipe, ref)
+        _write_record(run.task.backend, pipe, str(run.task.request.id), states.SUCCESS, ref.to_dict(),
+                      datetime.now(timezone.utc).isoformat())
+        pipe.execute()
 
 
 def _store_for(run: _Run, decode_node: str) -> str:
@@ -585,7 +597,8 @@ def _load_cache(run: _Run, ref: kvstore.KVRef, engine: Any, prompt_ids: list[int
     device = get_node_settings(run.task.app).device
     try:
         with redis_errors(run.config):
-            cache = kvstore.take(ref, device, run.client)
+            cache = kvstore.take(ref, device, run.client, release=False)
+        run.out.writer.defer(lambda pipe: kvstore.note_taken(pipe, ref))  # the index, off the path
     except KVRefError as exc:
         if "missing" not in str(exc):
             raise

@@ -40,8 +40,8 @@ from .keys import check_request_id
 if TYPE_CHECKING:  # torch is imported where tensors are made: workers only, never clients
     from .engine.base import KVCache
 
-__all__ = ["KVRef", "put", "take", "discard", "sweep_shm", "close_pool", "bytes_held", "stores_offered",
-           "choose_store", "SHM_DIR", "STORES", "MAX_KV_BYTES"]
+__all__ = ["KVRef", "put", "take", "discard", "note_held", "note_taken", "sweep_shm", "close_pool", "bytes_held",
+           "stores_offered", "choose_store", "SHM_DIR", "STORES", "MAX_KV_BYTES"]
 
 MAGIC = b"FDKV1\n"
 SHM_DIR = "/dev/shm"
@@ -265,9 +265,12 @@ _CHECKSUM_PLACEHOLDER = "s64:" + "0" * 16
 
 def put(
     cache: KVCache, *, kind: str, topic: str, request_id: str, owner: str, host: str, ttl_s: float,
-    first_token: int, prompt_tokens: int, client: redis.Redis | None = None,
+    first_token: int, prompt_tokens: int, client: redis.Redis | None = None, hold: bool = True,
 ) -> KVRef:
-    """Write ``cache`` to the store ``kind``; return its reference."""
+    """Write ``cache`` to the store ``kind``; return its reference. With ``client`` the blob is
+    also entered in the bytes-held index ``fd:<topic>:kvheld``; ``hold=False`` leaves that to the
+    caller (:func:`note_held`, in the round trip that publishes the reference). A cuda blob is
+    always entered: its entry is its claim."""
     import torch
 
     tensors = [t.detach().contiguous() for t in cache.tensors()]
@@ -292,7 +295,7 @@ def put(
 
         ref = kvcuda.put(ref, tensors, client)
         assert client is not None
-        client.hset(keys.kv_held(topic), ref.location, _held_value(ref))
+        note_held(client, ref)
         return ref
     raw = [t.cpu().reshape(-1).view(torch.uint8) for t in tensors]
     # (+ 128: room for the pool name the header will carry)
@@ -309,9 +312,19 @@ def put(
         else:
             assert client is not None
             client.set(ref.location, b"".join([header, *(p.numpy().tobytes() for p in raw)]), ex=max(1, int(ttl_s)))
-    if client is not None:
-        client.hset(keys.kv_held(topic), ref.location, _held_value(ref))
+    if client is not None and hold:
+        note_held(client, ref)
     return ref
+
+
+def note_held(target: Any, ref: KVRef) -> None:
+    """Enter a blob in the bytes-held index (``target``: a client, or a pipeline to send)."""
+    target.hset(keys.kv_held(ref.topic), ref.location, _held_value(ref))
+
+
+def note_taken(target: Any, ref: KVRef) -> None:
+    """Take a blob out of the bytes-held index (decode has it)."""
+    target.hdel(keys.kv_held(ref.topic), ref.location)
 
 
 def _held_value(ref: KVRef) -> str:
@@ -517,19 +530,21 @@ def _write_shm(name: str, header: bytes, raw: list[Any]) -> None:
         os.close(fd)
 
 
-def take(ref: KVRef, device: str, client: redis.Redis | None = None) -> KVCache:
+def take(ref: KVRef, device: str, client: redis.Redis | None = None, release: bool = True) -> KVCache:
     """Load the blob of ``ref``, check it against the reference and release it from the store.
 
     Raises ``KVRefError`` for anything wrong; ``FileNotFoundError``-like absence is reported as
-    ``KVRefError`` with ``missing`` in the message (the caller may redo prefill).
+    ``KVRefError`` with ``missing`` in the message (the caller may redo prefill). With ``client``
+    the blob also leaves the bytes-held index, unless ``release=False`` (the caller does it,
+    :func:`note_taken`, off its path); a cuda blob is claimed there first, always.
     """
     ref.check()
     if ref.kind == "cuda":
         from . import kvcuda
 
         return kvcuda.take(ref, device, client, _held_value(ref))
-    if client is not None:
-        client.hdel(keys.kv_held(ref.topic), ref.location)
+    if client is not None and release:
+        note_taken(client, ref)
     header = _header(ref)  # what the blob must begin with, byte for byte
     if ref.kind == "shm":
         buffer = _take_shm(ref, header)

@@ -237,6 +237,10 @@ def test_no_blob_is_left_after_200_requests(sw, sw_client, redis_server):
     assert leftover_shm == [] and leftover_redis == []
     charged = {k: redis_server.client().zrange(k, 0, -1) for k in redis_server.client().keys(f"fd:{TOPIC}:ptok:*")}
     assert not any(charged.values()), f"prefill charges not released: {charged}"
+    deadline = time.monotonic() + 5  # decode's writer thread takes each blob out of the index
+    while redis_server.client().hlen(keys.kv_held(TOPIC)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kvstore.bytes_held(redis_server.client(), TOPIC) == {}
     prefill_processes = sum(1 for w in sw.workers if w.alive() and w.node.startswith("p"))
     assert len(files) <= kvstore.POOL_SLOTS * max(1, prefill_processes)
 

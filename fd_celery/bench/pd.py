@@ -83,9 +83,10 @@ def _round_trip(client: Any, cache: Any, kind: str, mb: int, device: str) -> Non
     """Write a blob and take it back, as prefill and decode do (check, load, release)."""
     from .. import kvstore
 
+    # (hold/release off: the bytes-held index rides on round trips the hand-off makes anyway)
     ref = kvstore.put(cache, kind=kind, topic=TOPIC, request_id=f"b{mb}", owner="bench", host=socket.gethostname(),
-                      ttl_s=60, first_token=0, prompt_tokens=cache.num_tokens, client=client)
-    kvstore.take(ref, device, client)
+                      ttl_s=60, first_token=0, prompt_tokens=cache.num_tokens, client=client, hold=False)
+    kvstore.take(ref, device, client, release=False)
     if device != "cpu":
         import torch
 
