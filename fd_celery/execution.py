@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,15 @@ from .protocol import (
     parse_request,
 )
 from .stealing import stolen_from
-from .stream import END_RETENTION_S, EXPIRED_RETENTION_S, OutputWriter, StreamEntry, last_entry, writer_for
+from .stream import (
+    END_RETENTION_S,
+    EXPIRED_RETENTION_S,
+    OutputWriter,
+    Record,
+    StreamEntry,
+    last_entry,
+    writer_for,
+)
 
 __all__ = ["run_generate", "run_prefill", "run_decode", "engine_for", "seed_for"]
 
@@ -101,6 +110,9 @@ class _Output:
     text: list[str] = field(default_factory=list)
     buffer: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     flushed_at: float = field(default_factory=time.monotonic)
+    #: result -> the SUCCESS record to store with the end entry, in the same step (a request whose
+    #: caller reads the stream, when the result backend is the scheduler's Redis); else None
+    success_record: Callable[[dict[str, Any]], Record] | None = None
 
     def chunk(self, text: str, token_ids: tuple[int, ...], write: bool = True) -> None:
         if write:
@@ -122,7 +134,8 @@ class _Output:
         ours = {"seq": self.seq, **payload}
         items = [*self.buffer, (self.seq, ours)]
         self.buffer = []
-        stored = self.writer.finish(self.key, items, retention_s)
+        record = self.success_record(payload["result"]) if self.success_record and "result" in payload else None
+        stored = self.writer.finish(self.key, items, retention_s, record=record)
         if stored == ours:  # this run ended the request (not an earlier one): count it once
             self.writer.defer(lambda pipe: _record_end(pipe, self.topic, self.node, ours), retry=False)
         return stored
@@ -167,7 +180,10 @@ class _Run:
         # fd.decode is not the request's id)
         backend, node, task_id = task.backend, str(task.request.hostname), str(task.request.id)
         out.writer.defer(lambda pipe: _mark_started(backend, pipe, task_id, node), key=out.key)
-        return cls(task, config, client, request_id, out, previous, time.time())
+        run = cls(task, config, client, request_id, out, previous, time.time())
+        if task.request.get(RESULT_HEADER) == RESULT_DEFERRED and _is_redis(backend) and _same_redis(backend, client):
+            out.success_record = lambda result: _success_record(backend, task_id, result)
+        return run
 
     @property
     def node(self) -> str:
@@ -195,12 +211,10 @@ def _write_record(backend: Any, pipe: Any, task_id: str, status: str, result: An
     setup); on the backend's own Redis, at once, when the app chose another; through Celery's
     own ``store_result`` for a backend that is not Redis. STARTED never replaces a record (NX);
     SUCCESS is also published, for ``AsyncResult.get()`` callers waiting on the channel."""
-    if not (hasattr(backend, "client") and hasattr(backend, "get_key_for_task")):
+    if not _is_redis(backend):
         backend.store_result(task_id, result, status)
         return
-    meta = {"status": status, "result": result, "traceback": None, "children": [], "date_done": date_done,
-            "task_id": task_id}
-    key, payload = backend.get_key_for_task(task_id), backend.encode(meta)
+    key, payload = _record(backend, task_id, status, result, date_done)
     own = None if _same_redis(backend, pipe) else backend.client.pipeline(transaction=False)
     target = pipe if own is None else own
     target.set(key, payload, nx=status == states.STARTED, ex=_result_expiry_s(backend))
@@ -208,6 +222,24 @@ def _write_record(backend: Any, pipe: Any, task_id: str, status: str, result: An
         target.publish(key, payload)
     if own is not None:
         own.execute()
+
+
+def _record(backend: Any, task_id: str, status: str, result: Any, date_done: str | None) -> tuple[str, bytes]:
+    """The key and encoded value Celery's result backend keeps for a task in ``status``."""
+    meta = {"status": status, "result": result, "traceback": None, "children": [], "date_done": date_done,
+            "task_id": task_id}
+    return backend.get_key_for_task(task_id), backend.encode(meta)
+
+
+def _success_record(backend: Any, task_id: str, result: dict[str, Any]) -> Record:
+    from datetime import datetime, timezone
+
+    key, payload = _record(backend, task_id, states.SUCCESS, result, datetime.now(timezone.utc).isoformat())
+    return key, payload, _result_expiry_s(backend)
+
+
+def _is_redis(backend: Any) -> bool:
+    return hasattr(backend, "client") and hasattr(backend, "get_key_for_task")
 
 
 def _same_redis(backend: Any, pipe: Any) -> bool:
@@ -219,7 +251,7 @@ def _same_redis(backend: Any, pipe: Any) -> bool:
 
 def _result_expiry_s(backend: Any) -> int:
     expires = backend.expires  # result_expires: a timedelta, seconds, or None (then a day)
-    return int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 86400)
+    return max(1, int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 86400))
 
 
 def _record_end(pipe: Any, topic: str, node: str, end: dict[str, Any]) -> None:
@@ -257,7 +289,8 @@ def _guarded(run: _Run, work: Any) -> dict[str, Any]:
     except Exception as exc:
         logger.exception("request %s failed in the engine", run.request_id)
         return run.out.fail(WorkerError(f"the worker failed the request: {type(exc).__name__}: {exc}"))
-    if run.task.request.get(RESULT_HEADER) == RESULT_DEFERRED and not run.result_stored:  # Client.submit
+    # Client.submit: the SUCCESS record, unless it went with the end entry or the task stored it
+    if run.task.request.get(RESULT_HEADER) == RESULT_DEFERRED and not run.result_stored and not run.out.success_record:
         backend, task_id = run.task.backend, str(run.task.request.id)
         run.out.writer.defer(lambda pipe: _store_success(backend, pipe, task_id, result), key=run.out.key)
     return result

@@ -43,7 +43,10 @@ WRITE_RETRY_PAUSES_S = (0.1, 0.3, 1.0, 2.0)  # a Redis blip or restart is ridden
 WAKE_KEY_TTL_S = 3600  # a client's private wake-up streams vanish this long after its last use
 
 # KEYS[1] = stream (entries 0-<seq+1>, field d = JSON; the final entry also has end = 1)
-# ARGV[1] = expiry in ms; then pairs of (seq, JSON); ARGV[#ARGV] = "1" if the last pair is final
+# KEYS[2] (optional) = a result-backend key: with the final entry, SET to ARGV[4] (EX ARGV[3]) and
+#   PUBLISHed, in the same step, when this call ends the stream (not when an earlier run did)
+# ARGV[1] = expiry in ms; ARGV[2] = "1" if the last pair is final; ARGV[3], ARGV[4] = the record's
+#   expiry in s and value (unused without KEYS[2]); then pairs of (seq, JSON)
 # Returns the final entry's JSON when the stream has ended (ours or an earlier run's), else nil.
 _APPEND = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
@@ -53,11 +56,11 @@ if #last > 0 then
   if fields[3] == 'end' then return fields[2] end
   last_seq = tonumber(string.match(last[1][1], '%-(%d+)$')) - 1
 end
-local final = ARGV[#ARGV] == '1'
-for i = 2, #ARGV - 1, 2 do
+local final = ARGV[2] == '1'
+for i = 5, #ARGV - 1, 2 do
   local seq = tonumber(ARGV[i])
   if seq > last_seq then
-    if final and i == #ARGV - 2 then
+    if final and i == #ARGV - 1 then
       redis.call('XADD', KEYS[1], '0-' .. (seq + 1), 'd', ARGV[i + 1], 'end', '1')
     else
       redis.call('XADD', KEYS[1], '0-' .. (seq + 1), 'd', ARGV[i + 1])
@@ -66,9 +69,28 @@ for i = 2, #ARGV - 1, 2 do
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
-if final then return ARGV[#ARGV - 1] end
+if final then
+  if #KEYS > 1 then
+    redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[3])
+    redis.call('PUBLISH', KEYS[2], ARGV[4])
+  end
+  return ARGV[#ARGV]
+end
 return false
 """
+
+#: A result-backend record to store with a stream's end: (key, encoded value, expiry in s).
+Record = tuple[str, bytes, int]
+
+
+def _append_call(key: str, ttl_ms: int, items: list[tuple[int, str]], final: bool,
+                 record: Record | None) -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV of one :data:`_APPEND` call."""
+    keys_ = [key, record[0]] if record is not None else [key]
+    args: list[Any] = [ttl_ms, "1" if final else "0", record[2] if record else 0, record[1] if record else ""]
+    for seq, payload in items:
+        args.extend((seq, payload))
+    return keys_, args
 
 
 @dataclass
@@ -96,6 +118,7 @@ class _Pending:
     ttl_ms: int
     items: list[tuple[int, str]] = field(default_factory=list)
     final: bool = False
+    record: Record | None = None  # with the final entry: the result-backend record to store
     done: threading.Event = field(default_factory=threading.Event)
     reply: bytes | None = None
     error: BaseException | None = None
@@ -141,10 +164,12 @@ class OutputWriter:
         self._queue_for(key).put(pending)
 
     def finish(
-        self, key: str, items: list[tuple[int, dict[str, Any]]], ttl_s: float, timeout_s: float = 30.0
+        self, key: str, items: list[tuple[int, dict[str, Any]]], ttl_s: float, timeout_s: float = 30.0,
+        record: Record | None = None,
     ) -> dict[str, Any]:
         """Write ``items`` (the last one is the end entry) after everything queued before them;
-        wait until stored. Returns the end entry as stored: ours, or an earlier run's.
+        wait until stored. Returns the end entry as stored: ours, or an earlier run's. ``record``
+        (a result-backend key, value and expiry) is stored in the same step when ours ends it.
 
         When nothing of this request is still queued, the caller's thread writes it itself: one
         round trip, no hand-over to a writer thread (what short requests always hit).
@@ -156,15 +181,13 @@ class OutputWriter:
         if lost is not None:  # a chunk of this request could not be written: never end with a gap
             raise BrokerUnavailable(f"output stream {key} lost a write: {lost}")
         if inline:
-            args: list[Any] = [int(ttl_s * 1000)]
-            for seq, payload in payloads:
-                args.extend((seq, payload))
+            keys_, args = _append_call(key, int(ttl_s * 1000), payloads, True, record)
             try:
-                reply = self._script(keys=[key], args=[*args, "1"])
+                reply = self._script(keys=keys_, args=args)
             except redis.RedisError as exc:
                 raise BrokerUnavailable(f"output stream {key} could not be written: {exc}") from None
             return dict(json.loads(reply))
-        pending = _Pending(key, int(ttl_s * 1000), payloads, final=True)
+        pending = _Pending(key, int(ttl_s * 1000), payloads, final=True, record=record)
         with self._lock:
             self._outstanding[key] = self._outstanding.get(key, 0) + 1
         self._queue_for(key).put(pending)
@@ -203,12 +226,9 @@ class OutputWriter:
         for call in calls:
             start = len(pipe.command_stack)
             if isinstance(call, list):
-                args: list[Any] = [call[-1].ttl_ms]
-                for member in call:
-                    for seq, payload in member.items:
-                        args.extend((seq, payload))
-                args.append("1" if call[-1].final else "0")
-                pipe.evalsha(self._script.sha, 1, call[0].key, *args)
+                keys_, args = _append_call(call[0].key, call[-1].ttl_ms, [i for m in call for i in m.items],
+                                           call[-1].final, call[-1].record)
+                pipe.evalsha(self._script.sha, len(keys_), *keys_, *args)
             else:
                 try:
                     call.work(pipe)
