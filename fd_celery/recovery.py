@@ -14,8 +14,15 @@ it must exceed the longest request). fd_celery knows sooner: a node that has not
 
 A request runs again from the start elsewhere; its output stream takes nothing twice, so the
 caller sees no repeat. A node that was only frozen (SIGSTOP) and comes back finds its request
-taken over: it finishes too, and its writes are no-ops. A message received in the last sync
-period before a node died is not yet in its list: that one waits for the visibility timeout.
+taken over: it finishes too, and its writes are no-ops.
+
+A message received in the last sync period before a node died is not yet in its list. So, once
+per death (the ``swept`` field of its node hash, cleared when it registers or publishes again),
+the claiming node also looks through ``unacked`` for messages routed to the dead node's own
+queues that no live node lists as held and that were delivered more than :data:`UNLISTED_AGE_S`
+ago (a live thief that took one from the dead node's queue has listed it by then), and moves
+those back too. Messages taken from a role's shared queue carry no node: for those the
+visibility timeout still holds.
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ __all__ = ["publish_held", "restore_dead_nodes", "HELD_FIELD", "INTERVAL_S"]
 logger = logging.getLogger(__name__)
 
 HELD_FIELD = "held"
+SWEPT_FIELD = "swept"
 INTERVAL_S = 1.0
+UNLISTED_AGE_S = 1.0
 _PRIORITY_STEPS = (0, 3, 6, 9)  # kombu's Redis priority steps, one list each (loadtable.PRIORITY_SUFFIXES)
 
 # KEYS[1] = kombu's unacked hash, KEYS[2] = its index zset, KEYS[3] = the queue's list
@@ -53,7 +62,10 @@ return 1
 
 
 def publish_held(client: redis.Redis, config: SchedulerConfig, node: str, tags: Sequence[str]) -> None:
-    client.hset(keys.node_hash(config.scheduler_topic, node), HELD_FIELD, json.dumps(sorted(tags)))
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(keys.node_hash(config.scheduler_topic, node), HELD_FIELD, json.dumps(sorted(tags)))
+    pipe.hdel(keys.node_hash(config.scheduler_topic, node), SWEPT_FIELD)  # alive: a next death is swept
+    pipe.execute()
 
 
 def restore_dead_nodes(client: redis.Redis, config: SchedulerConfig, transport_options: Mapping[str, Any]) -> int:
@@ -71,22 +83,59 @@ def restore_dead_nodes(client: redis.Redis, config: SchedulerConfig, transport_o
     unacked = str(transport_options.get("unacked_key", "unacked"))
     index = str(transport_options.get("unacked_index_key", "unacked_index"))
     restored = 0
+    live_held: set[str] | None = None
     for node, raw in zip(dead, pipe.execute()):
-        if not raw or raw == b"[]":
-            continue
-        if not client.hdel(keys.node_hash(topic, node), HELD_FIELD):
-            continue  # another node claimed this list first
-        try:
-            tags = [t for t in json.loads(raw) if isinstance(t, str)]
-        except ValueError:
-            continue
-        count = sum(_restore(client, topic, unacked, index, tag) for tag in tags)
+        count = 0
+        if raw and raw != b"[]" and client.hdel(keys.node_hash(topic, node), HELD_FIELD):  # ours to claim
+            try:
+                tags = [t for t in json.loads(raw) if isinstance(t, str)]
+            except ValueError:
+                tags = []
+            count += sum(_restore(client, topic, unacked, index, tag) for tag in tags)
+        if client.hsetnx(keys.node_hash(topic, node), SWEPT_FIELD, "1"):  # once per death
+            if live_held is None:
+                live_held = _live_held(client, config)
+            count += _restore_unlisted(client, topic, node, unacked, index, live_held)
         if count:
             logger.warning("node %s is dead (no heartbeat for %gms): %d request(s) it held are back "
                            "in their queues", node, config.scheduler_expire_period, count)
             metrics.record_given_back(client, topic, node, count)
         restored += count
     return restored
+
+
+def _live_held(client: redis.Redis, config: SchedulerConfig) -> set[str]:
+    """The delivery tags every live node of the topic says it holds."""
+    from .registry import live_nodes
+
+    held: set[str] = set()
+    for info in live_nodes(client, config):
+        tags = info.facts.get(HELD_FIELD)
+        if isinstance(tags, list):
+            held.update(t for t in tags if isinstance(t, str))
+    return held
+
+
+def _restore_unlisted(client: redis.Redis, topic: str, node: str, unacked: str, index: str, live_held: set[str]) -> int:
+    """Messages of ``node``'s own queues still unacked, listed by no live node and delivered more
+    than :data:`UNLISTED_AGE_S` ago: received by ``node`` after it last published its list."""
+    queues = {keys.node_queue(topic, role, node) for role in keys.ROLES}
+    before = time.time() - UNLISTED_AGE_S
+    count = 0
+    for raw_tag, entry in client.hscan_iter(unacked, count=500):
+        tag = raw_tag.decode() if isinstance(raw_tag, bytes) else raw_tag
+        if tag in live_held:
+            continue
+        try:
+            routing_key = json.loads(entry)[2]
+        except (ValueError, TypeError, IndexError):
+            continue
+        if routing_key not in queues:
+            continue
+        delivered = client.zscore(index, tag)
+        if delivered is not None and delivered < before:
+            count += _restore(client, topic, unacked, index, tag)
+    return count
 
 
 def _restore(client: redis.Redis, topic: str, unacked: str, index: str, tag: str) -> int:

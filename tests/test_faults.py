@@ -28,7 +28,7 @@ import redis
 from celery import Celery, states
 
 import fd_celery
-from fd_celery import keys, metrics
+from fd_celery import keys, metrics, recovery
 from fd_celery.client import RequestHandle
 from fd_celery.errors import BrokerUnavailable, FDCeleryError, ResultTimeout
 from fd_celery.local_cluster import LocalCluster, RedisServer, WorkerProcess, free_port
@@ -255,6 +255,29 @@ def test_kill9_global_node_mid_request(redis_server, engine):
         given_back = redis_server.client().hget(metrics.metrics_key(topic, "givenback"), a.node)
         assert given_back is not None and int(given_back) >= 1, "the give-back is not in the metrics"
         _report("kill -9 global mixed node", faults=1, recovered_s=round(recovered_s, 1), **figures)
+
+
+def test_kill9_before_the_node_listed_its_request(redis_server, engine):
+    """A node killed after it received a request but before its heartbeat listed it as held
+    (here its beats are 6 s apart and it dies within the first): the request is not left to the
+    broker's visibility timeout (scheduler_ttl + 1 h) but found in kombu's unacked messages of the
+    dead node's own queue, and finished elsewhere, exactly once."""
+    topic = f"fku-{uuid.uuid4().hex[:6]}"
+    with _cluster(redis_server, topic, {"a": {}, "b": {}}, FD_SCHEDULER_NAME="global",
+                  FD_SCHEDULER_SYNC_PERIOD="6000", FD_SCHEDULER_EXPIRE_PERIOD="8000") as cluster:
+        a, b = _worker(cluster, "a"), _worker(cluster, "b")
+        r = redis_server.client()
+        client = _client(redis_server.port, topic, scheduler_name="global", scheduler_sync_period=6000,
+                         scheduler_expire_period=8000)
+        outcomes = _submit(client, [Spec("die before listing it", 200, 0.8, 3, a.node)])
+        victim = _wait_running_on(client, r, topic, outcomes, a.node, min_entries=1)
+        assert r.hget(keys.node_hash(topic, a.node), recovery.HELD_FIELD) in (None, b"[]"), \
+            "the node listed its request already: this test needs it to die first"
+        recovered_s, figures = _kill_and_follow(a, r, topic, engine, outcomes)
+        assert figures["completed"] == 1, f"the request failed: {figures}"
+        assert victim.result is not None and victim.result.served_by[0] == b.node
+        assert int(r.hget(metrics.metrics_key(topic, "givenback"), a.node) or 0) == 1
+        _report("kill -9 before the held list", faults=1, recovered_s=round(recovered_s, 1), **figures)
 
 
 LONG_PROMPT = "The prefill node builds the KV cache of this long prompt. " * 20  # ~1200 bytes
