@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -207,6 +208,26 @@ class LocalCluster:
                     raise RuntimeError(f"worker {worker.node} exited at start:\n{worker.log()[-3000:]}")
             time.sleep(0.1)
         raise RuntimeError(f"workers {sorted(set(nodes))} did not come up in {timeout_s}s")
+
+    def add_split_pair(self, topic: str, env: Mapping[str, str] | None = None) -> list[str]:
+        """One prefill node ``pp`` and one decode node ``dd`` of ``topic``, once both are live:
+        their node names, prefill first."""
+        nodes = [self.add_worker("pp", env={"FD_ROLE": "prefill", **(env or {})}).node,
+                 self.add_worker("dd", env={"FD_ROLE": "decode", **(env or {})}).node]
+        self.wait_live(nodes, topic=topic)
+        return nodes
+
+    def client(self, topic: str, **settings: object) -> Any:
+        """A ``fd_celery.Client`` on an app of its own, on this cluster's Redis and ``topic``
+        (``scheduler_*`` settings as for :func:`fd_celery.install`)."""
+        from celery import Celery
+
+        from . import Client, install
+
+        app = Celery(f"client-{topic}", set_as_current=False)
+        install(app, scheduler_port=self.redis.port, scheduler_password=self.redis.password,
+                scheduler_topic=topic, **settings)
+        return Client(app)
 
     def close(self, keep_logs: bool = False) -> None:
         for worker in self.workers:

@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 import torch
 
-import fd_celery
 from fd_celery import keys, kvcuda, kvstore
 from fd_celery.errors import KVRefError
 from fd_celery.local_cluster import LocalCluster, RedisServer
@@ -253,17 +252,11 @@ def test_a_tampered_cuda_reference_is_refused_and_the_blob_still_freed(redis_ser
 @needs_cuda
 @pytest.mark.slow
 def test_split_cluster_on_the_gpu_gives_the_tokens_of_one_gpu_node(redis_server: RedisServer):
-    from celery import Celery
-
     topic = f"kvc-sw-{uuid.uuid4().hex[:6]}"
     env = {"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "splitwise", "FD_DEVICE": "cuda"}
     with LocalCluster(redis_server, env=env) as cluster:
-        nodes = [cluster.add_worker("gp", env={"FD_ROLE": "prefill"}).node,
-                 cluster.add_worker("gd", env={"FD_ROLE": "decode"}).node]
-        cluster.wait_live(nodes, topic=topic)
-        app = Celery("client-kvc", set_as_current=False)
-        fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=topic, scheduler_name="splitwise")
-        client = fd_celery.Client(app)
+        nodes = cluster.add_split_pair(topic)
+        client = cluster.client(topic, scheduler_name="splitwise")
         handles = [client.submit(f"gpu hand-off {i}", max_tokens=12, temperature=0.8, seed=i) for i in range(6)]
         results = [h.result(timeout=120) for h in handles]
         ref = handles[0].async_result.get(timeout=10)  # the prefill task's result: the reference

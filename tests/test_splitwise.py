@@ -252,12 +252,8 @@ def test_shm_slots_are_recycled_and_gone_when_the_nodes_stop(redis_server):
     prefix = f"{kvstore.SHM_PREFIX}{topic}-"
     env = {"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "splitwise"}
     with LocalCluster(redis_server, env=env) as cluster:
-        nodes = [cluster.add_worker("pp", env={"FD_ROLE": "prefill"}).node,
-                 cluster.add_worker("dd", env={"FD_ROLE": "decode"}).node]
-        cluster.wait_live(nodes, topic=topic)
-        app = Celery("client-pool", set_as_current=False)
-        fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=topic, scheduler_name="splitwise")
-        client = fd_celery.Client(app)
+        nodes = cluster.add_split_pair(topic)
+        client = cluster.client(topic, scheduler_name="splitwise")
         seen: set[str] = set()
         pools = set()
         for i in range(12):

@@ -131,20 +131,12 @@ def _stores(redis_server: RedisServer, repeat: int) -> list[dict[str, Any]]:
 
 
 def _cluster_figures(redis_server: RedisServer, requests: int, stream_tokens: int) -> dict[str, Any]:
-    from celery import Celery
-
-    import fd_celery
-
     from ..engine import SamplingParams, load_engine
 
     env = {"FD_SCHEDULER_TOPIC": TOPIC, "FD_SCHEDULER_NAME": "splitwise"}
     with LocalCluster(redis_server, env=env) as cluster:
-        nodes = [cluster.add_worker("pp", env={"FD_ROLE": "prefill"}).node,
-                 cluster.add_worker("dd", env={"FD_ROLE": "decode"}).node]
-        cluster.wait_live(nodes, topic=TOPIC)
-        app = Celery("bench-pd", set_as_current=False)
-        fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=TOPIC, scheduler_name="splitwise")
-        client = fd_celery.Client(app)
+        cluster.add_split_pair(TOPIC)
+        client = cluster.client(TOPIC, scheduler_name="splitwise")
         for _ in range(3):  # warm-up
             client.submit("warm", max_tokens=2).result(timeout=120)
         results = [client.submit(f"handoff {i}", max_tokens=2, seed=i).result(timeout=120) for i in range(requests)]
