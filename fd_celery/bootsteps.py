@@ -144,6 +144,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
                 "load_score": round(self.load_score, 4),
                 "steals_made": made,
                 "steals_suffered": suffered,
+                "kv_stores": kvstore.stores_offered(settings.device),
                 "queues": self.queues,
             }
         }

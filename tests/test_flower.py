@@ -157,6 +157,7 @@ def test_flower_api_lists_the_node_with_its_fd_stats(flower, node):
     assert fd["topic"] == TOPIC
     assert fd["slots"] == 1
     assert f"fd.{TOPIC}.mixed" in fd["queues"] and any(node in q for q in fd["queues"])
+    assert fd["kv_stores"] == ["shm", "redis"]  # a CPU node: no CUDA IPC
     assert "fd.generate" in workers[node]["registered"]
     consumed = {q["name"] for q in workers[node]["active_queues"]}
     assert set(fd["queues"]) <= consumed
