@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import keys
 from .errors import KVRefError
-from .kvstore import _ITEMSIZE, _alive, _as_bytes_tensor, _checksum, _header, _numel
+from .kvstore import _ITEMSIZE, _alive, _as_bytes_tensor, _checksum, _header, _numel, note_held
 
 if TYPE_CHECKING:
     import redis
@@ -231,6 +231,9 @@ def put(ref: KVRef, tensors: list[Any], client: redis.Redis | None) -> KVRef:
     }
     ref = dataclasses.replace(ref, ipc=ipc)
     check_ipc(ipc)  # what this torch gives must be what readers accept
+    # The claim exists before the registry knows the buffer: the reaper would take a missing
+    # claim for decode's and let go of a buffer nobody opened.
+    note_held(client, ref)
     _SENT.add(ref.location, _Sent(buf, ref.expires_at, counter, int(counter_offset), client, keys.kv_held(ref.topic)))
     return ref
 

@@ -293,10 +293,7 @@ def put(
     if kind == "cuda":
         from . import kvcuda
 
-        ref = kvcuda.put(ref, tensors, client)
-        assert client is not None
-        note_held(client, ref)
-        return ref
+        return kvcuda.put(ref, tensors, client)  # (it enters the blob in the index: its claim)
     raw = [t.cpu().reshape(-1).view(torch.uint8) for t in tensors]
     # (+ 128: room for the pool name the header will carry)
     slot = _POOL.acquire(topic, name, len(_header(ref)) + 128 + nbytes, ttl_s) if kind == "shm" else None
