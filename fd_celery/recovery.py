@@ -20,7 +20,8 @@ A message received in the last sync period before a node died is not yet in its 
 per death (the ``swept`` field of its node hash, cleared when it registers or publishes again),
 the claiming node also looks through ``unacked`` for messages routed to the dead node's own
 queues that no live node lists as held and that were delivered more than :data:`UNLISTED_AGE_S`
-ago (a live thief that took one from the dead node's queue has listed it by then), and moves
+ago (or half an expire period, if shorter; a live thief that took one from the dead node's queue
+has listed it by then), and moves
 those back too. Messages taken from a role's shared queue carry no node: for those the
 visibility timeout still holds.
 """
@@ -95,7 +96,8 @@ def restore_dead_nodes(client: redis.Redis, config: SchedulerConfig, transport_o
         if client.hsetnx(keys.node_hash(topic, node), SWEPT_FIELD, "1"):  # once per death
             if live_held is None:
                 live_held = _live_held(client, config)
-            count += _restore_unlisted(client, topic, node, unacked, index, live_held)
+            age_s = min(UNLISTED_AGE_S, config.expire_period_s / 2)
+            count += _restore_unlisted(client, topic, node, unacked, index, live_held, age_s)
         if count:
             logger.warning("node %s is dead (no heartbeat for %gms): %d request(s) it held are back "
                            "in their queues", node, config.scheduler_expire_period, count)
@@ -116,11 +118,12 @@ def _live_held(client: redis.Redis, config: SchedulerConfig) -> set[str]:
     return held
 
 
-def _restore_unlisted(client: redis.Redis, topic: str, node: str, unacked: str, index: str, live_held: set[str]) -> int:
+def _restore_unlisted(client: redis.Redis, topic: str, node: str, unacked: str, index: str, live_held: set[str],
+                      age_s: float) -> int:
     """Messages of ``node``'s own queues still unacked, listed by no live node and delivered more
-    than :data:`UNLISTED_AGE_S` ago: received by ``node`` after it last published its list."""
+    than ``age_s`` ago: received by ``node`` after it last published its list."""
     queues = {keys.node_queue(topic, role, node) for role in keys.ROLES}
-    before = time.time() - UNLISTED_AGE_S
+    before = time.time() - age_s
     count = 0
     for raw_tag, entry in client.hscan_iter(unacked, count=500):
         tag = raw_tag.decode() if isinstance(raw_tag, bytes) else raw_tag
