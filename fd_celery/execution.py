@@ -181,7 +181,7 @@ class _Run:
         backend, node, task_id = task.backend, str(task.request.hostname), str(task.request.id)
         out.writer.defer(lambda pipe: _mark_started(backend, pipe, task_id, node), key=out.key)
         run = cls(task, config, client, request_id, out, previous, time.time())
-        if task.request.get(RESULT_HEADER) == RESULT_DEFERRED and _is_redis(backend) and _same_redis(backend, client):
+        if task.request.get(RESULT_HEADER) == RESULT_DEFERRED and _same_redis(backend, client):
             out.success_record = lambda result: _success_record(backend, task_id, result)
         return run
 
@@ -202,10 +202,10 @@ def _mark_started(backend: Any, pipe: Any, task_id: str, node: str) -> None:
     ended (SUCCESS or FAILURE stored first) nor an earlier run's STARTED. Callers see it as
     ``AsyncResult.state``; ``RequestHandle`` counts on it to tell a request that started before
     its deadline from one that never started."""
-    _write_record(backend, pipe, task_id, states.STARTED, {"pid": os.getpid(), "hostname": node}, None)
+    _write_record(backend, pipe, task_id, states.STARTED, {"pid": os.getpid(), "hostname": node})
 
 
-def _write_record(backend: Any, pipe: Any, task_id: str, status: str, result: Any, date_done: str | None) -> None:
+def _write_record(backend: Any, pipe: Any, task_id: str, status: str, result: Any) -> None:
     """The record Celery's result backend keeps for a task in ``status``: same key, same
     encoding. On the writer's pipeline when the backend is the scheduler's Redis (the derived
     setup); on the backend's own Redis, at once, when the app chose another; through Celery's
@@ -214,7 +214,7 @@ def _write_record(backend: Any, pipe: Any, task_id: str, status: str, result: An
     if not _is_redis(backend):
         backend.store_result(task_id, result, status)
         return
-    key, payload = _record(backend, task_id, status, result, date_done)
+    key, payload = _record(backend, task_id, status, result)
     own = None if _same_redis(backend, pipe) else backend.client.pipeline(transaction=False)
     target = pipe if own is None else own
     target.set(key, payload, nx=status == states.STARTED, ex=_result_expiry_s(backend))
@@ -224,18 +224,19 @@ def _write_record(backend: Any, pipe: Any, task_id: str, status: str, result: An
         own.execute()
 
 
-def _record(backend: Any, task_id: str, status: str, result: Any, date_done: str | None) -> tuple[str, bytes]:
-    """The key and encoded value Celery's result backend keeps for a task in ``status``."""
-    meta = {"status": status, "result": result, "traceback": None, "children": [], "date_done": date_done,
+def _record(backend: Any, task_id: str, status: str, result: Any) -> tuple[str, bytes]:
+    """The key and encoded value Celery's result backend keeps for a task in ``status`` (done
+    now, for a final state)."""
+    from datetime import datetime, timezone
+
+    done = datetime.now(timezone.utc).isoformat() if status in states.READY_STATES else None
+    meta = {"status": status, "result": result, "traceback": None, "children": [], "date_done": done,
             "task_id": task_id}
     return backend.get_key_for_task(task_id), backend.encode(meta)
 
 
 def _success_record(backend: Any, task_id: str, result: dict[str, Any]) -> Record:
-    from datetime import datetime, timezone
-
-    key, payload = _record(backend, task_id, states.SUCCESS, result, datetime.now(timezone.utc).isoformat())
-    return key, payload, _result_expiry_s(backend)
+    return (*_record(backend, task_id, states.SUCCESS, result), _result_expiry_s(backend))
 
 
 def _is_redis(backend: Any) -> bool:
@@ -243,8 +244,8 @@ def _is_redis(backend: Any) -> bool:
 
 
 def _same_redis(backend: Any, pipe: Any) -> bool:
-    """Whether the result backend's Redis (server and database) is the one ``pipe`` talks to."""
-    params = getattr(backend, "connparams", None)
+    """Whether the result backend is Redis, and the server and database ``pipe`` talks to."""
+    params = getattr(backend, "connparams", None) if _is_redis(backend) else None
     mine = pipe.connection_pool.connection_kwargs
     return isinstance(params, dict) and all(params.get(k) == mine.get(k) for k in ("host", "port", "path", "db"))
 
@@ -292,18 +293,10 @@ def _guarded(run: _Run, work: Any) -> dict[str, Any]:
     # Client.submit: the SUCCESS record, unless it went with the end entry or the task stored it
     if run.task.request.get(RESULT_HEADER) == RESULT_DEFERRED and not run.result_stored and not run.out.success_record:
         backend, task_id = run.task.backend, str(run.task.request.id)
-        run.out.writer.defer(lambda pipe: _store_success(backend, pipe, task_id, result), key=run.out.key)
+        # (from a writer thread: Client.submit sends ignore_result, so Celery does not store it)
+        run.out.writer.defer(lambda pipe: _write_record(backend, pipe, task_id, states.SUCCESS, result),
+                             key=run.out.key)
     return result
-
-
-def _store_success(backend: Any, pipe: Any, task_id: str, result: dict[str, Any]) -> None:
-    """The SUCCESS record Celery would store, from a writer thread: for requests whose caller
-    reads the output stream (``Client.submit`` sends them with ``ignore_result``, so Celery does
-    not store it on the request's path with its read-before-write); ``AsyncResult.get()`` sees it
-    as it would Celery's own."""
-    from datetime import datetime, timezone
-
-    _write_record(backend, pipe, task_id, states.SUCCESS, result, datetime.now(timezone.utc).isoformat())
 
 
 # --------------------------------------------------------------------------- checks
@@ -534,13 +527,10 @@ def _hand_off(
 def _publish_reference(run: _Run, ref: kvstore.KVRef) -> None:
     """The reference travels through the result backend: stored as the prefill task's SUCCESS
     before decode is sent, in one round trip with the blob's bytes-held entry."""
-    from datetime import datetime, timezone
-
     with redis_errors(run.config):
         pipe = run.client.pipeline(transaction=False)
         kvstore.note_held(pipe, ref)
-        _write_record(run.task.backend, pipe, str(run.task.request.id), states.SUCCESS, ref.to_dict(),
-                      datetime.now(timezone.utc).isoformat())
+        _write_record(run.task.backend, pipe, str(run.task.request.id), states.SUCCESS, ref.to_dict())
         pipe.execute()
 
 

@@ -7,14 +7,16 @@ Layout (``T`` = ``scheduler_topic``; nodes of different topics share nothing)::
                                     request also has field ``end`` = ``1``
     fd:T:pending            zset    local scheduler admission: request id -> deadline (epoch ms)
     fd:T:nodes              zset    node name -> last heartbeat (epoch ms)
-    fd:T:node:<node>        hash    node facts: role, slots, model, device, host, pid, started_ms
+    fd:T:node:<node>        hash    node facts: role, slots, model, device, host, kv_stores, pid,
+                                    started_ms; held (delivery tags) and swept (see recovery)
     fd:T:load:<role>:<i>    zset    load table: node -> load score (shard i = crc32(node) % N)
     fd:T:ptok:<node>        zset    prefill tokens charged to a node: "<request id>|<tokens>" ->
                                     release deadline (epoch ms); removed when the prefill ends
     fd:T:steals             hash    "<node>:made" / "<node>:suffered" -> steal counters
     fd:T:stolen:<req id>    string  the node a request was stolen from (expires with the TTL)
     fd:T:kv:<blob name>     string  a KV blob in the Redis store (expires with the TTL)
-    fd:T:kvheld             hash    blob location -> "owner|bytes|expires": KV bytes nodes hold
+    fd:T:kvheld             hash    blob location -> "owner|bytes|expires|store": KV bytes nodes
+                                    hold (for the cuda store also the blob's claim)
     fd:T:metrics:<name>     hash    Prometheus counters and histogram buckets, by node
     fd:T:wake:<client>:<i>  stream  wakes a client's reader thread i when it follows a new stream
     fd:T:dead               list    messages a node refused (see :mod:`fd_celery.deadletter`)
