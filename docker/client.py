@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fd_celery import Client, FDCeleryError, get_config
     from fd_celery.connection import redis_for
-    from fd_celery.registry import live_nodes
+    from fd_celery.scheduler.registry import live_nodes
     from workers.mixed import app
 
     config = get_config(app)

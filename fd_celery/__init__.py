@@ -11,10 +11,10 @@ Public surface::
 
 from __future__ import annotations
 
-from .app import get_config, install
-from .client import Client, RequestHandle
-from .config import SchedulerConfig
-from .errors import (
+from fd_celery.app import install
+from fd_celery.client import Client, RequestHandle
+from fd_celery.config import SchedulerConfig
+from fd_celery.errors import (
     BrokerUnavailable,
     ConfigError,
     FDCeleryError,
@@ -26,7 +26,8 @@ from .errors import (
     ResultTimeout,
     WorkerError,
 )
-from .protocol import GenerationResult, OutputChunk
+from fd_celery.protocol import GenerationResult, OutputChunk
+from fd_celery.settings import get_config
 
 __version__ = "0.1.0"
 

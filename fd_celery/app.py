@@ -9,69 +9,33 @@ a worker bootstep. The resolved :class:`SchedulerConfig` is cached on the app; r
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import click
 from celery import Celery, signals
 
-from .config import RedisTLS, SchedulerConfig
-from .errors import ConfigError
+from fd_celery import keys
+from fd_celery.config import RedisTLS, SchedulerConfig
+from fd_celery.errors import ConfigError
+from fd_celery.keys import ROLES
+from fd_celery.scheduler.routing import route_task
+from fd_celery.settings import DEFAULT_DEVICE, DEFAULT_MODEL, get_config, has_config, set_config
+from fd_celery.worker import tasks  # noqa: F401 - shared tasks: importing registers them on every app
+from fd_celery.worker.bootstep import FDWorkerStep
 
-__all__ = ["install", "get_config", "get_node_settings", "NodeSettings", "ROLE_CHOICES"]
+__all__ = ["install"]
 
 logger = logging.getLogger(__name__)
 
-ROLE_CHOICES = ("mixed", "prefill", "decode")
-DEFAULT_MODEL = "fd-tiny"
-DEFAULT_DEVICE = "cpu"
 # A request may run this long after it starts; Redis redelivers an unacked message only after
 # the visibility timeout, which must exceed the TTL plus this, or a slow request runs twice.
 MAX_RUN_S = 3600
 UNACKED_RESTORE_INTERVAL_S = 5
-DEAD_LETTER_TRANSPORT = "fd_celery.deadletter:Transport"
+DEAD_LETTER_TRANSPORT = "fd_celery.worker.deadletter:Transport"
 # Celery's own ``expires`` is a backstop behind our exact TTL check at execution.
 EXPIRES_BACKSTOP_GRACE_S = 5.0
 
-_CONFIG_ATTR = "_fd_config"
-_NODE_ATTR = "_fd_node"
 _DERIVED_ATTR = "_fd_derived_urls"
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """What a worker node serves: its role and its engine."""
-
-    role: str = "mixed"
-    model: str = DEFAULT_MODEL
-    device: str = DEFAULT_DEVICE
-    torch_threads: int = 0  # intra-op threads per pool process; 0: torch's default
-
-    @classmethod
-    def from_env(cls) -> NodeSettings:
-        return cls(
-            role=os.environ.get("FD_ROLE", "mixed"),
-            model=os.environ.get("FD_MODEL", DEFAULT_MODEL),
-            device=os.environ.get("FD_DEVICE", DEFAULT_DEVICE),
-        )
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLE_CHOICES:
-            raise ConfigError(f"fd_role={self.role!r} is invalid; allowed: {', '.join(ROLE_CHOICES)}")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise ConfigError(f"fd_device={self.device!r} is invalid; allowed: cpu, cuda, cuda:N")
-
-
-def get_config(app: Celery) -> SchedulerConfig:
-    config = getattr(app, _CONFIG_ATTR, None)
-    if config is None:
-        raise ConfigError(f"Celery app {app.main!r} is not an fd_celery app: call fd_celery.install(app)")
-    return config
-
-
-def get_node_settings(app: Celery) -> NodeSettings:
-    return getattr(app, _NODE_ATTR, None) or NodeSettings.from_env()
 
 
 def install(app: Celery, config: SchedulerConfig | None = None, **overrides: Any) -> SchedulerConfig:
@@ -90,8 +54,6 @@ def install(app: Celery, config: SchedulerConfig | None = None, **overrides: Any
     _configure_celery(app, config)
     _register_tasks(app, config)
     _register_cli(app)
-    from .bootsteps import FDWorkerStep
-
     if FDWorkerStep not in app.steps["worker"]:
         app.steps["worker"].add(FDWorkerStep)
     return config
@@ -99,7 +61,7 @@ def install(app: Celery, config: SchedulerConfig | None = None, **overrides: Any
 
 def _apply_config(app: Celery, config: SchedulerConfig) -> None:
     """Cache the config; derive broker and result backend from it unless the app chose its own."""
-    setattr(app, _CONFIG_ATTR, config)
+    set_config(app, config)
     derived = getattr(app, _DERIVED_ATTR, set())
     for setting in ("broker_url", "result_backend"):
         if not app.conf.get(setting) or setting in derived:
@@ -133,8 +95,6 @@ def _configure_celery(app: Celery, config: SchedulerConfig) -> None:
     transport.setdefault("unacked_restore_throttle", 1)
     _screen_broker_messages(conf, transport, config)
     conf.broker_transport_options = transport
-    from .routing import route_task
-
     routes = conf.task_routes
     routes = [] if routes is None else list(routes) if isinstance(routes, (list, tuple)) else [routes]
     if route_task not in routes:
@@ -144,10 +104,8 @@ def _configure_celery(app: Celery, config: SchedulerConfig) -> None:
 def _screen_broker_messages(conf: Any, transport: dict[str, Any], config: SchedulerConfig) -> None:
     """On a Redis broker, use kombu's Redis transport with fd_celery's screening channel: an
     item in a queue that is not a readable message is dead-lettered instead of killing the
-    worker (see :mod:`fd_celery.deadletter`). Another broker, or a transport the app chose, is
+    worker (see :mod:`fd_celery.worker.deadletter`). Another broker, or a transport the app chose, is
     left alone."""
-    from . import keys
-
     scheme = str(conf.broker_url or "").split("://", 1)[0]
     if conf.broker_transport in (None, "redis", "rediss", DEAD_LETTER_TRANSPORT) and scheme in ("redis", "rediss"):
         conf.broker_transport = DEAD_LETTER_TRANSPORT
@@ -155,9 +113,7 @@ def _screen_broker_messages(conf: Any, transport: dict[str, Any], config: Schedu
 
 
 def _register_tasks(app: Celery, config: SchedulerConfig) -> None:
-    from . import tasks  # shared tasks: importing registers them on every app
-
-    for name in tasks.TASK_NAMES:
+    for name in keys.TASK_NAMES:
         app.tasks[name].expires = config.ttl_s + EXPIRES_BACKSTOP_GRACE_S
 
 
@@ -180,7 +136,7 @@ def _register_cli(app: Celery) -> None:
     worker.add(
         click.Option(
             ["--fd-role"],
-            type=click.Choice(ROLE_CHOICES),
+            type=click.Choice(ROLES),
             default=None,
             help="fd_celery: the node's role (env FD_ROLE; default mixed).",
         )
@@ -204,7 +160,7 @@ def _check_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any
 
 @signals.user_preload_options.connect
 def _apply_cli_options(app: Celery | None = None, options: dict[str, Any] | None = None, **_: Any) -> None:
-    if app is None or getattr(app, _CONFIG_ATTR, None) is None:
+    if app is None or not has_config(app):
         return
     given = {k: v for k, v in (options or {}).items() if k.startswith("scheduler_") and v is not None}
     if not given:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from fd_celery.errors import ConfigError
 
 __all__ = ["SchedulerConfig", "RedisTLS", "SCHEDULER_NAMES", "ENV_PREFIX", "parse_duration"]
 

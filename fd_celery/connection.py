@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import redis
 
-from .config import SchedulerConfig
-from .errors import BrokerUnavailable
+from fd_celery.config import SchedulerConfig
+from fd_celery.errors import BrokerUnavailable
 
 __all__ = ["SOCKET_TIMEOUT_S", "BLOCK_MS", "redis_for", "redis_errors"]
 

@@ -19,7 +19,7 @@ Layout (``T`` = ``scheduler_topic``; nodes of different topics share nothing)::
                                     hold (for the cuda store also the blob's claim)
     fd:T:metrics:<name>     hash    Prometheus counters and histogram buckets, by node
     fd:T:wake:<client>:<i>  stream  wakes a client's reader thread i when it follows a new stream
-    fd:T:dead               list    messages a node refused (see :mod:`fd_celery.deadletter`)
+    fd:T:dead               list    messages a node refused (see :mod:`fd_celery.worker.deadletter`)
 
 Celery queues (kombu keeps each as a Redis list of the same name)::
 
@@ -33,6 +33,9 @@ import re
 
 __all__ = [
     "ROLES",
+    "PREFILL_ROLES",
+    "DECODE_ROLES",
+    "TASK_NAMES",
     "output_stream",
     "pending_set",
     "nodes_zset",
@@ -53,13 +56,18 @@ __all__ = [
 ]
 
 ROLES = ("mixed", "prefill", "decode")
+#: Who may run each half of a splitwise request.
+PREFILL_ROLES = ("prefill", "mixed")
+DECODE_ROLES = ("decode", "mixed")
+#: The tasks fd_celery registers (and routes).
+TASK_NAMES = ("fd.generate", "fd.prefill", "fd.decode")
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
 
 def check_request_id(request_id: str) -> str:
     """Request ids end up in key names: allow a safe alphabet only (no glob or separator tricks)."""
-    from .errors import InvalidRequest
+    from fd_celery.errors import InvalidRequest
 
     if not isinstance(request_id, str) or not _REQUEST_ID_RE.fullmatch(request_id):
         raise InvalidRequest(

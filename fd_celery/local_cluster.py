@@ -195,7 +195,7 @@ class LocalCluster:
     def wait_live(self, nodes: Sequence[str], topic: str = "default", db: int = 0,
                   timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
         """Wait until every node in ``nodes`` has joined the registry (a worker is ready)."""
-        from .keys import nodes_zset
+        from fd_celery.keys import nodes_zset
 
         client = self.redis.client(db)
         deadline = time.monotonic() + timeout_s
@@ -222,7 +222,7 @@ class LocalCluster:
         (``scheduler_*`` settings as for :func:`fd_celery.install`)."""
         from celery import Celery
 
-        from . import Client, install
+        from fd_celery import Client, install
 
         app = Celery(f"client-{topic}", set_as_current=False)
         install(app, scheduler_port=self.redis.port, scheduler_password=self.redis.password,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import InvalidRequest
+from fd_celery.errors import InvalidRequest
 
 __all__ = [
     "RESULT_HEADER",
@@ -153,7 +153,7 @@ class DecodeRequest:
 
 
 def parse_decode_kwargs(kwargs: Mapping[str, Any]) -> DecodeRequest:
-    from .keys import check_request_id
+    from fd_celery.keys import check_request_id
 
     if not isinstance(kwargs, Mapping):
         raise InvalidRequest(f"fd.decode takes a mapping of fields, got {type(kwargs).__name__}")
@@ -237,7 +237,7 @@ class GenerationResult:
                 extra=dict(data.get("extra") or {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            from .errors import WorkerError
+            from fd_celery.errors import WorkerError
 
             raise WorkerError(f"malformed result from worker: {exc!r}") from None
 

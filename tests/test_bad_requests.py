@@ -20,8 +20,7 @@ import fd_celery
 from fd_celery.errors import InvalidRequest, WorkerError
 from fd_celery.keys import output_stream, role_queue
 from fd_celery.protocol import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT
-
-from .conftest import TOPIC
+from tests.conftest import TOPIC
 
 DROP = object()  # remove this field from the base request
 BASE: dict[str, Any] = {"prompt": "hello", "max_tokens": 4}
@@ -137,7 +136,7 @@ def test_plain_send_task_rejected_by_router(app: Celery, kwargs, fragment):
 
 
 def test_apply_async_on_the_task_object_is_checked_too(app: Celery):
-    from fd_celery.tasks import generate
+    from fd_celery.worker.tasks import generate
 
     with pytest.raises(InvalidRequest, match="max_tokens"):
         app.tasks[generate.name].apply_async(kwargs={"prompt": "hello", "max_tokens": 0})

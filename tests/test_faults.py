@@ -28,13 +28,14 @@ import redis
 from celery import Celery, states
 
 import fd_celery
-from fd_celery import keys, metrics, recovery
-from fd_celery.client import RequestHandle
+from fd_celery import keys
+from fd_celery.client.sync import RequestHandle
 from fd_celery.errors import BrokerUnavailable, FDCeleryError, ResultTimeout
 from fd_celery.local_cluster import LocalCluster, RedisServer, WorkerProcess, free_port
+from fd_celery.observability import metrics
 from fd_celery.protocol import GenerationResult, OutputChunk
-
-from .conftest import reference_tokens
+from fd_celery.scheduler import recovery
+from tests.conftest import reference_tokens
 
 pytestmark = pytest.mark.slow
 

@@ -34,8 +34,7 @@ import pytest
 import fd_celery
 from fd_celery.keys import nodes_zset
 from fd_celery.local_cluster import WorkerProcess, free_port
-
-from .conftest import make_app
+from tests.conftest import make_app
 
 pytest.importorskip("flower")
 

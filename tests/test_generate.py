@@ -7,8 +7,7 @@ from celery import Celery
 
 import fd_celery
 from fd_celery.errors import InvalidRequest
-
-from .conftest import make_app, reference_tokens
+from tests.conftest import make_app, reference_tokens
 
 PROMPTS = [("Hello, world", 0.0, 0), ("The quick brown fox", 0.8, 7), ("héllo wörld €", 1.2, 123)]
 
@@ -69,7 +68,7 @@ def test_plain_celery_send_task_and_get(app: Celery, client):
 
 
 def test_module_level_task_object(app: Celery):
-    from fd_celery.tasks import generate
+    from fd_celery.worker.tasks import generate
 
     result = app.tasks[generate.name].apply_async(kwargs={"prompt": "task object", "max_tokens": 4})
     assert len(result.get(timeout=60)["token_ids"]) <= 4

@@ -18,10 +18,10 @@ import pytest
 from celery import Celery
 
 import fd_celery
-from fd_celery import keys, loadtable
+from fd_celery import keys
 from fd_celery.local_cluster import LocalCluster, RedisServer
-
-from .conftest import reference_tokens
+from fd_celery.scheduler import loadtable
+from tests.conftest import reference_tokens
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@
   request, and the prompt text of a bad message never reaches the worker's log.
 
 Raw messages go to a private worker (topic ``hostile``), not to the session's ``w1``. Before
-:mod:`fd_celery.deadletter`, some of them killed the worker that read them, and kombu put them back
+:mod:`fd_celery.worker.deadletter`, some of them killed the worker that read them, and kombu put them back
 in the queue, where they killed the next worker too; the fixture still replaces a worker that a
 message took down (and removes the message), so such a regression fails one case, not the module.
 Envelopes are built the way kombu's Redis transport frames them (``Channel._put``: LPUSH of a
@@ -36,12 +36,13 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import fd_celery
-from fd_celery import deadletter, keys, kvstore
+from fd_celery import keys
 from fd_celery.errors import FDCeleryError, InvalidRequest, KVRefError, NoNodeAvailable
+from fd_celery.kv import store as kvstore
 from fd_celery.local_cluster import LocalCluster, RedisServer, WorkerProcess
 from fd_celery.protocol import MAX_TOKENS_LIMIT
-
-from .conftest import CUDA_IPC
+from fd_celery.worker import deadletter
+from tests.conftest import CUDA_IPC
 
 HOSTILE_TOPIC = "hostile"
 FIELDS = ("prompt", "token_ids", "max_tokens", "temperature", "seed", "node")

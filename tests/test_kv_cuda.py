@@ -26,12 +26,13 @@ from typing import Any
 import pytest
 import torch
 
-from fd_celery import keys, kvcuda, kvstore
+from fd_celery import keys
 from fd_celery.errors import KVRefError
+from fd_celery.kv import cuda as kvcuda
+from fd_celery.kv import store as kvstore
 from fd_celery.local_cluster import LocalCluster, RedisServer
-
-from .conftest import CUDA_IPC as IPC
-from .conftest import reference_tokens
+from tests.conftest import CUDA_IPC as IPC
+from tests.conftest import reference_tokens
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch sees no GPU here)")
 
@@ -167,7 +168,7 @@ def test_hand_off_in_one_process(redis_server: RedisServer):
 PRODUCER = textwrap.dedent("""
     import json, socket, sys, time
     import redis, torch
-    from fd_celery import kvcuda, kvstore
+    from fd_celery.kv import cuda as kvcuda, store as kvstore
     from fd_celery.engine import SamplingParams, load_engine
 
     port, topic, ttl, prompt = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]

@@ -11,9 +11,8 @@ import pytest
 import fd_celery
 from fd_celery import keys
 from fd_celery.errors import QueueFull, RequestExpired
-from fd_celery.stream import EXPIRED_RETENTION_S
-
-from .conftest import make_app
+from fd_celery.streams import EXPIRED_RETENTION_S
+from tests.conftest import make_app
 
 SUBMITTERS = 4
 PER_SUBMITTER = 15
@@ -64,11 +63,13 @@ def test_queue_full_error_names_the_limit(redis_server):
 
 
 def test_request_that_waited_past_its_ttl_never_starts(redis_server, client, node):
-    blocker = client.submit("keep the only slot busy", max_tokens=600, seed=1)
+    # ~2,000 tokens keep fd-tiny busy for well over the victim's TTL on a fast machine too
+    # (600 tokens took 0.4 s here, less than the TTL, and the victim was served).
+    blocker = client.submit("keep the only slot busy", max_tokens=2000, seed=1)
     deadline = time.monotonic() + 60
     while blocker.async_result.state != "STARTED" and time.monotonic() < deadline:
         time.sleep(0.02)
-    short_ttl = fd_celery.Client(make_app(redis_server, scheduler_ttl="500ms"))
+    short_ttl = fd_celery.Client(make_app(redis_server, scheduler_ttl="300ms"))
     victim = short_ttl.submit("too late", max_tokens=5)
 
     with pytest.raises(RequestExpired, match="scheduler_ttl"):

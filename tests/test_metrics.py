@@ -21,10 +21,10 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 import fd_celery
-from fd_celery import keys, metrics
+from fd_celery import keys
 from fd_celery.local_cluster import free_port
-
-from .conftest import TOPIC
+from fd_celery.observability import metrics
+from tests.conftest import TOPIC
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_recorded_events_are_exported(redis_server, topic):
     r.hincrby(keys.steals_hash(topic), "b@h:made", 3)
     r.hincrby(keys.steals_hash(topic), "a@h:suffered", 3)
     metrics.record_given_back(r, topic, "z@h", 2)
-    from fd_celery import deadletter
+    from fd_celery.worker import deadletter
 
     deadletter.dead_letter(r, keys.dead_letter_list(topic), "fd.x.mixed", "not JSON", b"\x00junk")
 
@@ -137,7 +137,7 @@ def test_recorded_events_are_exported(redis_server, topic):
 
 def test_recording_never_raises(redis_server, topic, caplog):
     dead = dead_redis()
-    with caplog.at_level(logging.WARNING, logger="fd_celery.metrics"):
+    with caplog.at_level(logging.WARNING, logger="fd_celery.observability.metrics"):
         metrics.record_end(dead, topic, "a@h", "ok", 0.1, 0.01, 5)
         metrics.record_rejected(dead, topic, "QueueFull")
         metrics.record_handoff(dead, topic, "a@h", 10, "shm")

@@ -32,8 +32,7 @@ import pytest
 from celery import Celery, states
 
 import fd_celery
-from fd_celery import keys, kvstore
-from fd_celery.app import get_config
+from fd_celery import keys
 from fd_celery.connection import redis_for
 from fd_celery.engine import SamplingParams
 from fd_celery.errors import (
@@ -42,11 +41,12 @@ from fd_celery.errors import (
     InvalidRequest,
     KVRefError,
 )
+from fd_celery.kv import store as kvstore
 from fd_celery.local_cluster import LocalCluster, RedisServer, find_redis_server, free_port
 from fd_celery.protocol import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT
-
-from .conftest import TOPIC
-from .test_hostile import _valid_ref_dict, envelope
+from fd_celery.settings import get_config
+from tests.conftest import TOPIC
+from tests.test_hostile import _valid_ref_dict, envelope
 
 PASSWORD = "Pw-" + uuid.uuid4().hex[:16]
 WRONG_PASSWORD = "Wrong-" + uuid.uuid4().hex[:16]

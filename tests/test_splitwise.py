@@ -23,12 +23,12 @@ import torch
 from celery import Celery, states
 
 import fd_celery
-from fd_celery import keys, kvstore
+from fd_celery import keys
 from fd_celery.engine import SamplingParams
 from fd_celery.errors import KVRefError, NoNodeAvailable
+from fd_celery.kv import store as kvstore
 from fd_celery.local_cluster import LocalCluster, RedisServer
-
-from .conftest import CUDA_IPC, reference_tokens
+from tests.conftest import CUDA_IPC, reference_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ def test_prefill_placement_weighs_prompt_tokens_and_releases_them(redis_server):
     """Two prefill nodes on paper (registry entries, real Redis, real scripts): a long prompt
     weighs on its node until its prefill ends, so short prompts go to the other node; a charge
     whose end never comes is released after scheduler_release_load_expire_period."""
-    from fd_celery import loadtable, registry
+    from fd_celery.scheduler import loadtable, registry
 
     topic = f"sw-tokens-{uuid.uuid4().hex[:6]}"
     config = fd_celery.SchedulerConfig(scheduler_port=redis_server.port, scheduler_topic=topic,

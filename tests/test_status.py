@@ -22,11 +22,12 @@ import pytest
 from celery import Celery
 
 import fd_celery
-from fd_celery import keys, kvstore, loadtable, registry
+from fd_celery import keys
 from fd_celery.engine import SamplingParams
+from fd_celery.kv import store as kvstore
 from fd_celery.local_cluster import LocalCluster, RedisServer
-
-from .conftest import TOPIC
+from fd_celery.scheduler import loadtable, registry
+from tests.conftest import TOPIC
 
 REPO = Path(__file__).resolve().parents[1]
 TOPIC_G = "status"

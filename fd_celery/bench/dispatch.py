@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from ..local_cluster import LocalCluster
-from .common import bar_plot, write_json
+from fd_celery.bench.common import bar_plot, write_json
+from fd_celery.local_cluster import LocalCluster
 
 TOPIC = "bench-dispatch"
 NULL_TOPIC = "bench-dispatch-null"

@@ -1,7 +1,7 @@
 """``fd-celery bench pd``: the splitwise hand-off, against the machine's own limits.
 
 1. KV stores in this process, for caches of several sizes (real tensors, the layout of a model's
-   per-layer cache): write with ``kvstore.put`` and read with ``kvstore.take`` (the decode side:
+   per-layer cache): write with ``kv.put`` and read with ``kv.take`` (the decode side:
    check, load, release). Beside each, measured in the same run on the same bytes: a plain
    memcpy, and a raw Redis SET + GET (+ DEL). Throughput = bytes / (write + read).
 2. A real cluster (one prefill node, one decode node, the built-in model): the hand-off latency
@@ -18,9 +18,9 @@ from typing import Any
 
 import click
 
-from ..local_cluster import LocalCluster, RedisServer
-from .common import bar_plot, write_json
-from .steal import _percentile
+from fd_celery.bench.common import bar_plot, write_json
+from fd_celery.bench.steal import _percentile
+from fd_celery.local_cluster import LocalCluster, RedisServer
 
 SIZES_MB = (1, 16, 64)
 TOPIC = "bench-pd"
@@ -29,7 +29,7 @@ TOPIC = "bench-pd"
 def _cache_of(megabytes: int) -> Any:
     import torch
 
-    from ..engine.base import KVCache
+    from fd_celery.engine.base import KVCache
 
     layers, heads, dim = 8, 8, 64
     tokens = max(1, megabytes * (1 << 20) // (layers * 2 * heads * dim * 4))
@@ -81,12 +81,12 @@ def _measure(client: Any, mb: int, repeat: int) -> dict[str, Any]:
 
 def _round_trip(client: Any, cache: Any, kind: str, mb: int, device: str) -> None:
     """Write a blob and take it back, as prefill and decode do (check, load, release)."""
-    from .. import kvstore
+    from fd_celery import kv
 
     # (hold/release off: the bytes-held index rides on round trips the hand-off makes anyway)
-    ref = kvstore.put(cache, kind=kind, topic=TOPIC, request_id=f"b{mb}", owner="bench", host=socket.gethostname(),
+    ref = kv.put(cache, kind=kind, topic=TOPIC, request_id=f"b{mb}", owner="bench", host=socket.gethostname(),
                       ttl_s=60, first_token=0, prompt_tokens=cache.num_tokens, client=client, hold=False)
-    kvstore.take(ref, device, client, release=False)
+    kv.take(ref, device, client, release=False)
     if device != "cpu":
         import torch
 
@@ -99,7 +99,7 @@ def _measure_cuda(client: Any, cache: Any, mb: int, repeat: int) -> dict[str, An
     same: copy in, checksum, header, share, claim, check, copy out)."""
     import torch
 
-    from ..engine.base import KVCache
+    from fd_celery.engine.base import KVCache
 
     gpu = KVCache(keys=[t.cuda() for t in cache.keys], values=[t.cuda() for t in cache.values])
     src = torch.cat([t.reshape(-1).view(torch.uint8) for t in gpu.tensors()])
@@ -131,7 +131,7 @@ def _stores(redis_server: RedisServer, repeat: int) -> list[dict[str, Any]]:
 
 
 def _cluster_figures(redis_server: RedisServer, requests: int, stream_tokens: int) -> dict[str, Any]:
-    from ..engine import SamplingParams, load_engine
+    from fd_celery.engine import SamplingParams, load_engine
 
     env = {"FD_SCHEDULER_TOPIC": TOPIC, "FD_SCHEDULER_NAME": "splitwise"}
     with LocalCluster(redis_server, env=env) as cluster:

@@ -83,8 +83,8 @@ def run_demo(
     out: str | None = None,
 ) -> int:
     """Run the demo; returns the exit status (0: every request completed)."""
-    from ..errors import FDCeleryError
-    from ..local_cluster import RedisServer
+    from fd_celery.errors import FDCeleryError
+    from fd_celery.local_cluster import RedisServer
 
     out_path = os.path.abspath(out or DEFAULT_OUT)
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -117,9 +117,9 @@ def run_demo(
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _stop(_CLUSTERS, redis_server, keep_logs=code == 1)
-        from .. import kvstore
+        from fd_celery import kv
 
-        kvstore.sweep_shm(0, topic)  # KV files of the demo's workers, however they stopped
+        kv.sweep_shm(0, topic)  # KV files of the demo's workers, however they stopped
         if code == 1 and logs:
             click.echo("worker logs kept: " + " ".join(logs), err=True)
         else:
@@ -136,7 +136,7 @@ _CLUSTERS: list[Any] = []  # the clusters this process started (one per run_demo
 
 def _run(redis_server: Any, plan: list[NodePlan], topic: str, scheduler: str, num_requests: int,
          max_tokens: int, out_path: str, logs: list[str]) -> int:
-    from ..local_cluster import LocalCluster
+    from fd_celery.local_cluster import LocalCluster
 
     click.echo("fd_celery demo: starting a private Redis ...")
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import SCHEDULER_NAMES
+from fd_celery.config import SCHEDULER_NAMES
 
 
 @click.group()
@@ -27,7 +27,7 @@ def main() -> None:
               help="Where the timeline PNG goes.")
 def demo(scheduler: str, num_requests: int, num_workers: int | None, max_tokens: int, out: str) -> None:
     """Start a private Redis and real workers, send a burst of requests, show who served what."""
-    from .demo import run_demo
+    from fd_celery.cli.demo import run_demo
 
     raise SystemExit(run_demo(scheduler, num_requests, num_workers, max_tokens, out))
 
@@ -50,7 +50,7 @@ def bench() -> None:
               show_default=True, help="Where the JSON and PNG go.")
 def dispatch(num_requests: int, rounds: int, concurrency: int, scheduler: str, out_dir: str) -> None:
     """One-token requests through fd_celery against a plain Celery no-op task, same Redis."""
-    from ..bench.dispatch import run_dispatch
+    from fd_celery.bench.dispatch import run_dispatch
 
     run_dispatch(num_requests, rounds, concurrency, out_dir, scheduler)
 
@@ -66,7 +66,7 @@ def dispatch(num_requests: int, rounds: int, concurrency: int, scheduler: str, o
               show_default=True, help="Where the JSON and PNG go.")
 def steal(num_requests: int, tokens: int, ms_per_token: float, out_dir: str) -> None:
     """Global scheduler: makespan with and without stealing against the ideal; steal reaction."""
-    from ..bench.steal import run_steal
+    from fd_celery.bench.steal import run_steal
 
     run_steal(num_requests, tokens, ms_per_token, out_dir)
 
@@ -83,6 +83,6 @@ def steal(num_requests: int, tokens: int, ms_per_token: float, out_dir: str) -> 
               show_default=True, help="Where the JSON and PNG go.")
 def pd(repeat: int, num_requests: int, stream_tokens: int, out_dir: str) -> None:
     """Splitwise: KV store throughput against memcpy and raw Redis; hand-off latency; streaming."""
-    from ..bench.pd import run_pd
+    from fd_celery.bench.pd import run_pd
 
     run_pd(repeat, num_requests, stream_tokens, out_dir)

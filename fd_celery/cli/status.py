@@ -4,7 +4,7 @@ for Prometheus.
 ``fd status`` lists every live node of the topic: role, load score, queue depth, slots, running
 requests, heartbeat age, steals made and suffered, KV bytes held (``--json`` for scripts).
 ``fd metrics`` serves the Prometheus exposition at ``/metrics`` (``--once`` prints it and exits);
-see :mod:`fd_celery.metrics`.
+see :mod:`fd_celery.observability.metrics`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from typing import Any
 import click
 from celery.bin.base import CeleryCommand, handle_preload_options
 
-from .. import kvstore, loadtable
-from ..app import get_config
-from ..connection import redis_errors, redis_for
-from ..errors import FDCeleryError
-from ..keys import dead_letter_list, steals_hash
-from ..metrics import queue_depths, shared_queue_depths
-from ..registry import live_nodes
+from fd_celery import kv
+from fd_celery.connection import redis_errors, redis_for
+from fd_celery.errors import FDCeleryError
+from fd_celery.keys import dead_letter_list, steals_hash
+from fd_celery.observability.metrics import queue_depths, shared_queue_depths
+from fd_celery.scheduler import loadtable
+from fd_celery.scheduler.registry import live_nodes
+from fd_celery.settings import get_config
 
 # (JSON field, table heading)
 COLUMNS = (
@@ -74,7 +75,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo("waiting in topic-wide queues: " + ", ".join(f"{role} {n}" for role, n in waiting.items()))
     if report["dead_letters"]:
         click.echo(f"refused messages: {report['dead_letters']} in Redis list "
-                   f"{dead_letter_list(config.scheduler_topic)} (newest first; see fd_celery.deadletter)")
+                   f"{dead_letter_list(config.scheduler_topic)} (newest first; see fd_celery.worker.deadletter)")
 
 
 def collect_status(client: Any, config: Any) -> dict[str, Any]:
@@ -85,7 +86,7 @@ def collect_status(client: Any, config: Any) -> dict[str, Any]:
     depths = queue_depths(client, topic, [(n.name, n.role) for n in nodes])
     scores: dict[str, dict[str, float]] = {}
     steals = {k.decode(): int(v) for k, v in client.hgetall(steals_hash(topic)).items()}
-    held = kvstore.bytes_held(client, topic)
+    held = kv.bytes_held(client, topic)
     rows = []
     for info in nodes:
         if info.role not in scores:
@@ -162,7 +163,7 @@ def metrics(ctx: click.Context, port: int, address: str, once: bool) -> None:
         raise click.ClickException(
             "the metrics exporter needs prometheus_client: pip install prometheus-client"
         ) from None
-    from .. import metrics as fd_metrics
+    from fd_celery.observability import metrics as fd_metrics
 
     app = ctx.obj.app
     try:

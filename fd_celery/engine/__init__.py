@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ConfigError
-from .base import Engine, KVCache, SamplingParams
-from .bench import PREFIX as SLEEP_PREFIX
-from .bench import SleepEngine
-from .hf import HFEngine
-from .sampling import sample_token
-from .text import TextStreamer
-from .tiny import TINY_CONFIGS, TinyLlamaEngine
-from .tokenizer import ByteTokenizer
+from fd_celery.engine.base import Engine, KVCache, SamplingParams
+from fd_celery.engine.bench import PREFIX as SLEEP_PREFIX
+from fd_celery.engine.bench import SleepEngine
+from fd_celery.engine.hf import HFEngine
+from fd_celery.engine.sampling import sample_token
+from fd_celery.engine.text import TextStreamer
+from fd_celery.engine.tiny import TINY_CONFIGS, TinyLlamaEngine
+from fd_celery.engine.tokenizer import ByteTokenizer
+from fd_celery.errors import ConfigError
 
 __all__ = [
     "BUILTIN_MODELS",

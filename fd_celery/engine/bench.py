@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import ConfigError
-from .base import Engine, KVCache, SamplingParams
-from .sampling import position_seed
-from .tokenizer import ByteTokenizer
+from fd_celery.engine.base import Engine, KVCache, SamplingParams
+from fd_celery.engine.sampling import position_seed
+from fd_celery.engine.tokenizer import ByteTokenizer
+from fd_celery.errors import ConfigError
 
 PREFIX = "bench-sleep:"
 _LAYERS = 2

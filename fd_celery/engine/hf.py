@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from .base import Engine, KVCache, SamplingParams
-from .sampling import sample_token
-from .tiny import resolve_device
+from fd_celery.engine.base import Engine, KVCache, SamplingParams
+from fd_celery.engine.sampling import sample_token
+from fd_celery.engine.tiny import resolve_device
+from fd_celery.errors import ConfigError
 
 __all__ = ["HFEngine"]
 

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .base import SamplingParams
+from fd_celery.engine.base import SamplingParams
 
 __all__ = ["position_seed", "sample_token", "GREEDY_BELOW"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from .base import Engine
+from fd_celery.engine.base import Engine
 
 __all__ = ["TextStreamer"]
 

@@ -23,10 +23,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from .base import Engine, KVCache, SamplingParams
-from .sampling import sample_token
-from .tokenizer import EOS_ID, ByteTokenizer
+from fd_celery.engine.base import Engine, KVCache, SamplingParams
+from fd_celery.engine.sampling import sample_token
+from fd_celery.engine.tokenizer import EOS_ID, ByteTokenizer
+from fd_celery.errors import ConfigError
 
 __all__ = ["TinyConfig", "TINY_CONFIGS", "TinyLlamaEngine", "resolve_device", "EOS_LOGIT_BIAS"]
 

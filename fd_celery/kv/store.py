@@ -11,7 +11,7 @@ Stores:
   unlinks it at once: the pages live until the last tensor built on them is gone.
 - ``redis``: one key, read and deleted in one GETDEL (across hosts).
 - ``cuda``: the prefill process's GPU memory, mapped by decode through a CUDA IPC handle (same
-  host, both nodes on CUDA): see :mod:`fd_celery.kvcuda`.
+  host, both nodes on CUDA): see :mod:`fd_celery.kv.cuda`.
 Blob names are built from checked parts only (topic, request id, token), so a reference cannot
 point outside its store's namespace.
 """
@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from . import keys
-from .errors import KVRefError
-from .keys import check_request_id
+from fd_celery import keys
+from fd_celery.errors import KVRefError
+from fd_celery.keys import check_request_id
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: workers only, never clients
-    from .engine.base import KVCache
+    from fd_celery.engine.base import KVCache
 
 __all__ = ["KVRef", "put", "take", "discard", "note_held", "note_taken", "sweep_shm", "close_pool", "bytes_held",
            "stores_offered", "choose_store", "SHM_DIR", "STORES", "MAX_KV_BYTES"]
@@ -79,7 +79,7 @@ class KVRef:
     version: int = 1
     #: shm blobs in a recycled file: the name the file goes back to when decode is done with it
     pool: str = ""
-    #: cuda blobs: how to map the producer's GPU buffer (see :mod:`fd_celery.kvcuda`); else None.
+    #: cuda blobs: how to map the producer's GPU buffer (see :mod:`fd_celery.kv.cuda`); else None.
     #: The one field the blob's header does not repeat: it exists only once the blob is written.
     ipc: dict[str, Any] | None = field(default=None, hash=False)
 
@@ -126,7 +126,7 @@ class KVRef:
                               and _POOL_RE.fullmatch(self.pool) and self.pool.startswith(f"{SHM_PREFIX}{self.topic}-")):
             raise KVRefError(f"KV reference pool name {self.pool!r} is outside the shm store")
         if self.kind == "cuda":
-            from .kvcuda import check_ipc
+            from fd_celery.kv.cuda import check_ipc
 
             check_ipc(self.ipc)
         elif self.ipc is not None:
@@ -291,7 +291,7 @@ def put(
         prompt_tokens=prompt_tokens,
     )
     if kind == "cuda":
-        from . import kvcuda
+        from fd_celery.kv import cuda as kvcuda
 
         return kvcuda.put(ref, tensors, client)  # (it enters the blob in the index: its claim)
     raw = [t.cpu().reshape(-1).view(torch.uint8) for t in tensors]
@@ -326,7 +326,7 @@ def note_taken(target: Any, ref: KVRef) -> None:
 
 def _held_value(ref: KVRef) -> str:
     """A blob's entry in ``fd:<topic>:kvheld``: who holds how many bytes until when, in which
-    store. The entry of a cuda blob is also its claim (see :mod:`fd_celery.kvcuda`)."""
+    store. The entry of a cuda blob is also its claim (see :mod:`fd_celery.kv.cuda`)."""
     return f"{ref.owner}|{ref.nbytes}|{ref.expires_at}|{ref.kind}"
 
 
@@ -537,7 +537,7 @@ def take(ref: KVRef, device: str, client: redis.Redis | None = None, release: bo
     """
     ref.check()
     if ref.kind == "cuda":
-        from . import kvcuda
+        from fd_celery.kv import cuda as kvcuda
 
         return kvcuda.take(ref, device, client, _held_value(ref))
     if client is not None and release:
@@ -649,7 +649,7 @@ def _decode_blob(ref: KVRef, buffer: Any, device: str, begin: int) -> KVCache:
     """Tensors on the bytes after a checked header (``begin``), once they pass their checksum."""
     import torch
 
-    from .engine.base import KVCache
+    from fd_celery.engine.base import KVCache
 
     data = memoryview(buffer)[begin : begin + ref.nbytes]
     if len(data) != ref.nbytes or _checksum([data]) != ref.checksum:
@@ -669,7 +669,7 @@ def _decode_blob(ref: KVRef, buffer: Any, device: str, begin: int) -> KVCache:
 def discard(ref: KVRef, client: redis.Redis | None = None) -> None:
     """Release a blob nobody will load (the hand-off failed)."""
     if ref.kind == "cuda":
-        from . import kvcuda
+        from fd_celery.kv import cuda as kvcuda
 
         kvcuda.discard(ref, client)
         return

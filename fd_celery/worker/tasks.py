@@ -1,4 +1,4 @@
-"""The fd_celery tasks. Each is a thin entry point; the work happens in :mod:`fd_celery.execution`.
+"""The fd_celery tasks. Each is a thin entry point; the work happens in :mod:`fd_celery.worker.execution`.
 
 ``fd.generate``: one node runs prefill and decode. ``fd.prefill`` and ``fd.decode``: the two
 halves of a splitwise request, on different nodes. Every task takes keyword arguments only (the
@@ -11,11 +11,9 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from .errors import InvalidRequest, KVRefError, NoNodeAvailable, QueueFull, RequestExpired
+from fd_celery.errors import InvalidRequest, KVRefError, NoNodeAvailable, QueueFull, RequestExpired
 
-__all__ = ["generate", "prefill", "decode", "TASK_NAMES"]
-
-TASK_NAMES = ("fd.generate", "fd.prefill", "fd.decode")
+__all__ = ["generate", "prefill", "decode"]
 
 _OPTIONS: dict[str, Any] = {
     "bind": True,
@@ -39,7 +37,7 @@ class FDTask(Task):
     ``Task.__call__(self, ...)`` before any check of ours ran; refuse it here, clearly. A message
     whose body Celery could not unpack is refused before Celery tries (the strategy)."""
 
-    Strategy = "fd_celery.deadletter:guarded_strategy"
+    Strategy = "fd_celery.worker.deadletter:guarded_strategy"
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         if "self" in kwargs:
@@ -53,7 +51,7 @@ _OPTIONS["base"] = FDTask
 @shared_task(name="fd.generate", **_OPTIONS)
 def generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Generate text for one request on this node (prefill and decode)."""
-    from .execution import run_generate
+    from fd_celery.worker.execution import run_generate
 
     return run_generate(self, args, kwargs)
 
@@ -62,7 +60,7 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 def prefill(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Splitwise, first half: build the KV cache here and hand it to a decode node. The result
     (in the backend) is the KV reference, never tensor data."""
-    from .execution import run_prefill
+    from fd_celery.worker.execution import run_prefill
 
     return run_prefill(self, args, kwargs)
 
@@ -70,6 +68,6 @@ def prefill(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 @shared_task(name="fd.decode", **_OPTIONS)
 def decode(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Splitwise, second half: resolve the KV reference and generate the rest here."""
-    from .execution import run_decode
+    from fd_celery.worker.execution import run_decode
 
     return run_decode(self, args, kwargs)

@@ -184,10 +184,10 @@ def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
 
 
 def _refuse(app: Any, message: Any, problem: str) -> None:
-    from .app import get_config
-    from .connection import redis_for
-    from .errors import InvalidRequest
-    from .keys import check_request_id, dead_letter_list
+    from fd_celery.connection import redis_for
+    from fd_celery.errors import InvalidRequest
+    from fd_celery.keys import check_request_id, dead_letter_list
+    from fd_celery.settings import get_config
 
     headers = message.headers or {}
     queue = (message.delivery_info or {}).get("routing_key") or "?"

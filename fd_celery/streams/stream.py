@@ -30,8 +30,8 @@ from typing import Any
 
 import redis
 
-from . import keys
-from .errors import BrokerUnavailable
+from fd_celery import keys
+from fd_celery.errors import BrokerUnavailable
 
 __all__ = ["OutputWriter", "StreamReaders", "StreamEntry", "last_entry", "END_RETENTION_S"]
 

@@ -24,9 +24,9 @@ from typing import Protocol
 
 import redis
 
-from . import keys
-from .config import SchedulerConfig
-from .loadtable import PRIORITY_SUFFIXES, shard_keys
+from fd_celery import keys
+from fd_celery.config import SchedulerConfig
+from fd_celery.scheduler.loadtable import PRIORITY_SUFFIXES, shard_keys
 
 __all__ = ["Steal", "steal_one", "stolen_from", "Thief", "WorkerView"]
 

@@ -28,11 +28,10 @@ from typing import Any
 import redis
 from celery import Celery, Task, states
 
-from . import admission, keys, kvstore, loadtable
-from .app import get_config, get_node_settings
-from .config import SchedulerConfig
-from .connection import redis_errors, redis_for
-from .errors import (
+from fd_celery import keys, kv
+from fd_celery.config import SchedulerConfig
+from fd_celery.connection import redis_errors, redis_for
+from fd_celery.errors import (
     FDCeleryError,
     InvalidRequest,
     KVRefError,
@@ -42,8 +41,8 @@ from .errors import (
     error_from_dict,
     error_to_dict,
 )
-from .keys import check_request_id, output_stream
-from .protocol import (
+from fd_celery.keys import check_request_id, output_stream
+from fd_celery.protocol import (
     RESULT_DEFERRED,
     RESULT_HEADER,
     DecodeRequest,
@@ -53,8 +52,10 @@ from .protocol import (
     parse_decode_kwargs,
     parse_request,
 )
-from .stealing import stolen_from
-from .stream import (
+from fd_celery.scheduler import admission, loadtable
+from fd_celery.scheduler.stealing import stolen_from
+from fd_celery.settings import get_config, get_node_settings
+from fd_celery.streams import (
     END_RETENTION_S,
     EXPIRED_RETENTION_S,
     OutputWriter,
@@ -79,7 +80,7 @@ def engine_for(app: Celery) -> Any:
     wanted = (settings.model, settings.device)
     cached = getattr(_engines, "value", None)
     if cached is None or cached[0] != wanted:
-        from .engine import load_engine
+        from fd_celery.engine import load_engine
 
         if settings.torch_threads > 0:
             import torch
@@ -256,7 +257,7 @@ def _result_expiry_s(backend: Any) -> int:
 
 
 def _record_end(pipe: Any, topic: str, node: str, end: dict[str, Any]) -> None:
-    from . import metrics
+    from fd_celery.observability import metrics
 
     result = end.get("result")
     if isinstance(result, dict):
@@ -388,7 +389,7 @@ def _decode_steps(engine: Any, cache: Any, token: int, sampling: Any, count: int
 
 def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     # The hot path reads nothing first: reruns are rare, and the stream's append script already
-    # skips what an earlier run wrote and hands back an earlier end (see fd_celery.stream).
+    # skips what an earlier run wrote and hands back an earlier end (see fd_celery.streams.stream).
     run = _Run.open(task, task.request.id, look_back=False)
     skip = 0
 
@@ -396,7 +397,7 @@ def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> d
         request = _admitted(run, args, kwargs)
         with redis_errors(run.config):
             stolen = stolen_from(run.client, run.config, run.request_id) if run.config.scheduler_name == "global" else None
-        from .engine import SamplingParams, TextStreamer
+        from fd_celery.engine import SamplingParams, TextStreamer
 
         engine = engine_for(task.app)
         prompt_ids = _prompt_ids(engine, request)
@@ -446,7 +447,7 @@ def run_prefill(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
     def work() -> dict[str, Any]:
         try:
             request = _admitted(run, args, kwargs)
-            from .engine import SamplingParams, TextStreamer
+            from fd_celery.engine import SamplingParams, TextStreamer
 
             engine = engine_for(task.app)
             prompt_ids = _prompt_ids(engine, request)
@@ -481,15 +482,13 @@ def _hand_off(
     run: _Run, request: GenerateRequest, engine: Any, prompt_ids: list[int], cache: Any, first: int,
     first_at: float,
 ) -> dict[str, Any]:
-    from .routing import DECODE_ROLES
-
     submitted = _header(run.task, "fd_submitted") or run.started
     if first == engine.eos_token_id or request.max_tokens == 1:  # nothing left to decode
         done = _Decoded("stop" if first == engine.eos_token_id else "length", first_at, first_at, 1)
         result = _result(run, request, engine, prompt_ids, (run.node,), submitted, first_at, done)
         return _outcome(run.out.end({"result": result.to_dict()}, END_RETENTION_S))
     with redis_errors(run.config):
-        placed = loadtable.place(run.client, run.config, DECODE_ROLES)
+        placed = loadtable.place(run.client, run.config, keys.DECODE_ROLES)
     if placed is None:
         raise NoNodeAvailable(
             f"no live decode node in topic {run.config.scheduler_topic!r} when prefill of "
@@ -498,7 +497,7 @@ def _hand_off(
     decode_node, decode_role = placed
     kind = _store_for(run, decode_node)
     with redis_errors(run.config):
-        ref = kvstore.put(
+        ref = kv.put(
             cache, kind=kind, topic=run.config.scheduler_topic, request_id=run.request_id, owner=run.node,
             host=socket.gethostname(), ttl_s=run.config.ttl_s, first_token=first,
             prompt_tokens=len(prompt_ids), client=run.client, hold=False,
@@ -513,23 +512,23 @@ def _hand_off(
                                queue=keys.node_queue(run.config.scheduler_topic, decode_role, decode_node),
                                ignore_result=True, headers={RESULT_HEADER: RESULT_DEFERRED})
     except Exception:
-        kvstore.discard(ref, run.client)
+        kv.discard(ref, run.client)
         raise
     logger.info("request %s: prefill done, KV (%d bytes, %s) handed to %s",
                 run.request_id, ref.nbytes, ref.kind, decode_node)
-    from . import metrics
+    from fd_celery.observability import metrics
 
     run.out.writer.defer(lambda pipe: metrics.record_handoff(pipe, run.config.scheduler_topic, run.node,
                                                              ref.nbytes, ref.kind), retry=False)
     return ref.to_dict()
 
 
-def _publish_reference(run: _Run, ref: kvstore.KVRef) -> None:
+def _publish_reference(run: _Run, ref: kv.KVRef) -> None:
     """The reference travels through the result backend: stored as the prefill task's SUCCESS
     before decode is sent, in one round trip with the blob's bytes-held entry."""
     with redis_errors(run.config):
         pipe = run.client.pipeline(transaction=False)
-        kvstore.note_held(pipe, ref)
+        kv.note_held(pipe, ref)
         _write_record(run.task.backend, pipe, str(run.task.request.id), states.SUCCESS, ref.to_dict())
         pipe.execute()
 
@@ -538,7 +537,7 @@ def _store_for(run: _Run, decode_node: str) -> str:
     """CUDA IPC or shared memory when the decode node is on this host (as both nodes' devices
     allow), Redis otherwise; ``FD_KV_STORE`` forces one."""
     host, stores = _node_kv_facts(run, decode_node)
-    return kvstore.choose_store(
+    return kv.choose_store(
         same_host=host == socket.gethostname(), device=get_node_settings(run.task.app).device,
         peer_stores=stores, forced=os.environ.get("FD_KV_STORE", "auto"),
     )
@@ -576,7 +575,7 @@ def run_decode(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dic
     skip = run.previous.seq + 1 if run.previous is not None else 1
 
     def work() -> dict[str, Any]:
-        from .engine import SamplingParams, TextStreamer
+        from fd_celery.engine import SamplingParams, TextStreamer
 
         engine = engine_for(task.app)
         request = decode.request
@@ -601,12 +600,12 @@ def run_decode(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dic
     return _guarded(run, work)
 
 
-def _resolve(run: _Run, decode: DecodeRequest) -> kvstore.KVRef:
+def _resolve(run: _Run, decode: DecodeRequest) -> kv.KVRef:
     """The KV reference, read from the result backend where the prefill task put it."""
     meta = run.task.backend.get_task_meta(decode.prefill_id)
     if meta.get("status") != states.SUCCESS:
         raise KVRefError(f"no KV reference for request {decode.request_id} in the result backend")
-    ref = kvstore.KVRef.from_dict(meta.get("result"))
+    ref = kv.KVRef.from_dict(meta.get("result"))
     if ref.topic != run.config.scheduler_topic:  # topics share nothing, KV blobs included
         raise KVRefError(f"KV reference of topic {ref.topic!r} refused by a node of {run.config.scheduler_topic!r}")
     if ref.request_id != decode.request_id:
@@ -614,14 +613,14 @@ def _resolve(run: _Run, decode: DecodeRequest) -> kvstore.KVRef:
     return ref
 
 
-def _load_cache(run: _Run, ref: kvstore.KVRef, engine: Any, prompt_ids: list[int], sampling: Any) -> Any:
+def _load_cache(run: _Run, ref: kv.KVRef, engine: Any, prompt_ids: list[int], sampling: Any) -> Any:
     """The blob; if an earlier decode run already took it (and died), prefill again here: the
     engine is exact, so the cache is the same."""
     device = get_node_settings(run.task.app).device
     try:
         with redis_errors(run.config):
-            cache = kvstore.take(ref, device, run.client, release=False)
-        run.out.writer.defer(lambda pipe: kvstore.note_taken(pipe, ref))  # the index, off the path
+            cache = kv.take(ref, device, run.client, release=False)
+        run.out.writer.defer(lambda pipe: kv.note_taken(pipe, ref))  # the index, off the path
     except KVRefError as exc:
         if "missing" not in str(exc):
             raise

@@ -17,10 +17,11 @@ from typing import Any
 
 from celery import bootsteps, signals
 
-from . import keys, kvstore, loadtable, recovery, registry
-from .app import _NODE_ATTR, NodeSettings, get_config, get_node_settings
-from .connection import redis_for
-from .stealing import Thief
+from fd_celery import keys, kv
+from fd_celery.connection import redis_for
+from fd_celery.scheduler import loadtable, recovery, registry
+from fd_celery.scheduler.stealing import Thief
+from fd_celery.settings import NodeSettings, get_config, get_node_settings, set_node_settings
 
 __all__ = ["FDWorkerStep"]
 
@@ -49,7 +50,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
             device=fd_device or env.device,
             torch_threads=_torch_threads(),
         )
-        setattr(app, _NODE_ATTR, settings)
+        set_node_settings(app, settings)
         global _worker_app
         _worker_app = app  # pool processes forked from here warm up this app's engine
         _install_log_redaction()
@@ -144,7 +145,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
                 "load_score": round(self.load_score, 4),
                 "steals_made": made,
                 "steals_suffered": suffered,
-                "kv_stores": kvstore.stores_offered(settings.device),
+                "kv_stores": kv.stores_offered(settings.device),
                 "queues": self.queues,
             }
         }
@@ -157,13 +158,13 @@ class FDWorkerStep(bootsteps.StartStopStep):
             "device": settings.device,
             "slots": self.slots,
             "host": socket.gethostname(),
-            "kv_stores": kvstore.stores_offered(settings.device),
+            "kv_stores": kv.stores_offered(settings.device),
             "pid": os.getpid(),
             "started_ms": self.started_ms,
         }
 
     def _publish(self, client: Any, config: Any, beat: bool = True) -> tuple[float, int]:
-        """Heartbeat plus load score, both from the truth (see :mod:`fd_celery.loadtable`)."""
+        """Heartbeat plus load score, both from the truth (see :mod:`fd_celery.scheduler.loadtable`)."""
         role = get_node_settings(self.app).role
         if not beat:
             queue = self.queues[1]
@@ -199,7 +200,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
                     recovery.restore_dead_nodes(client, config, transport_options)
                     next_recovery = time.monotonic() + recovery.INTERVAL_S
                 if time.monotonic() >= next_sweep:  # KV blobs whose request expired
-                    kvstore.sweep_shm(config.ttl_s + SWEEP_GRACE_S)
+                    kv.sweep_shm(config.ttl_s + SWEEP_GRACE_S)
                     next_sweep = time.monotonic() + SWEEP_INTERVAL_S
             except Exception as exc:
                 logger.warning("heartbeat failed: %s", exc)
@@ -263,16 +264,16 @@ def _torch_threads() -> int:
 @signals.worker_process_shutdown.connect
 def _close_kv_pool(**_: Any) -> None:
     """Remove this process's idle shared-memory slot files (a pool child)."""
-    kvstore.close_pool()
+    kv.close_pool()
 
 
 @signals.worker_shutdown.connect
 def _close_kv_pools(**_: Any) -> None:
     """The worker's own slot files (a solo pool), and those its pool children left if they were
     killed rather than stopped (their pids are gone by now)."""
-    kvstore.close_pool()
+    kv.close_pool()
     if _worker_app is not None:
-        kvstore.sweep_shm(get_config(_worker_app).ttl_s + SWEEP_GRACE_S)
+        kv.sweep_shm(get_config(_worker_app).ttl_s + SWEEP_GRACE_S)
 
 
 @signals.worker_process_init.connect
@@ -282,7 +283,7 @@ def _close_kv_pool_on_sigterm(**_: Any) -> None:
     import signal
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        kvstore.close_pool()
+        kv.close_pool()
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
@@ -295,7 +296,7 @@ def _load_engine_in_child(**_: Any) -> None:
     """Load the model when a pool process starts, not on its first request."""
     if _worker_app is None:
         return
-    from .execution import engine_for
+    from fd_celery.worker.execution import engine_for
 
     try:
         engine_for(_worker_app)

@@ -37,8 +37,10 @@ from typing import Any
 
 import redis
 
-from . import keys, loadtable, metrics
-from .config import SchedulerConfig
+from fd_celery import keys
+from fd_celery.config import SchedulerConfig
+from fd_celery.observability import metrics
+from fd_celery.scheduler import loadtable
 
 __all__ = ["publish_held", "restore_dead_nodes", "HELD_FIELD", "INTERVAL_S"]
 
@@ -108,7 +110,7 @@ def restore_dead_nodes(client: redis.Redis, config: SchedulerConfig, transport_o
 
 def _live_held(client: redis.Redis, config: SchedulerConfig) -> set[str]:
     """The delivery tags every live node of the topic says it holds."""
-    from .registry import live_nodes
+    from fd_celery.scheduler.registry import live_nodes
 
     held: set[str] = set()
     for info in live_nodes(client, config):

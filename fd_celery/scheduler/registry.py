@@ -1,7 +1,7 @@
 """The node registry: who is alive in a topic, and what each node is.
 
 A node heartbeats every ``scheduler_sync_period`` (a score in the ``nodes`` zset, epoch ms, written
-with its load by :func:`fd_celery.loadtable.publish`) and keeps its facts in its own hash. A node whose heartbeat is older than ``scheduler_expire_period``
+with its load by :func:`fd_celery.scheduler.loadtable.publish`) and keeps its facts in its own hash. A node whose heartbeat is older than ``scheduler_expire_period``
 is dead: it is not listed and not routed to, whatever its hash still says.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import redis
 
-from .config import SchedulerConfig
-from .keys import node_hash, nodes_zset
+from fd_celery.config import SchedulerConfig
+from fd_celery.keys import node_hash, nodes_zset
 
 __all__ = ["NodeInfo", "register", "unregister", "live_nodes", "is_live"]
 

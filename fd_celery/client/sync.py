@@ -22,9 +22,8 @@ from celery import Celery, states
 from celery.exceptions import TaskRevokedError
 from celery.result import AsyncResult
 
-from .app import get_config
-from .connection import BLOCK_MS, redis_errors, redis_for
-from .errors import (
+from fd_celery.connection import BLOCK_MS, redis_errors, redis_for
+from fd_celery.errors import (
     BrokerUnavailable,
     FDCeleryError,
     InvalidRequest,
@@ -33,9 +32,10 @@ from .errors import (
     WorkerError,
     error_from_dict,
 )
-from .keys import check_request_id, output_stream
-from .protocol import RESULT_DEFERRED, RESULT_HEADER, GenerationResult, OutputChunk
-from .stream import StreamReaders, last_entry
+from fd_celery.keys import check_request_id, output_stream
+from fd_celery.protocol import RESULT_DEFERRED, RESULT_HEADER, GenerationResult, OutputChunk
+from fd_celery.settings import get_config
+from fd_celery.streams import StreamReaders, last_entry
 
 __all__ = ["Client", "RequestHandle"]
 

@@ -34,18 +34,16 @@ from typing import Any
 
 from celery import Celery, current_app
 
-from . import admission, keys, loadtable, metrics, registry
-from .app import get_config
-from .config import SchedulerConfig
-from .connection import redis_errors, redis_for
-from .errors import NoNodeAvailable, QueueFull
-from .protocol import GenerateRequest, parse_decode_kwargs, parse_request
+from fd_celery import keys
+from fd_celery.config import SchedulerConfig
+from fd_celery.connection import redis_errors, redis_for
+from fd_celery.errors import NoNodeAvailable, QueueFull
+from fd_celery.observability import metrics
+from fd_celery.protocol import GenerateRequest, parse_decode_kwargs, parse_request
+from fd_celery.scheduler import admission, loadtable, registry
+from fd_celery.settings import get_config
 
-__all__ = ["route_task", "FD_TASK_NAMES", "PREFILL_ROLES", "DECODE_ROLES", "PREFILL_BLUR"]
-
-FD_TASK_NAMES = frozenset({"fd.generate", "fd.prefill", "fd.decode"})
-PREFILL_ROLES = ("prefill", "mixed")
-DECODE_ROLES = ("decode", "mixed")
+__all__ = ["route_task", "PREFILL_BLUR"]
 # Splitwise prefill placement: nodes within this load score of the least loaded are equally
 # good, so loads a sync period old do not send a burst to one node (FastDeploy's "blur").
 PREFILL_BLUR = 0.5
@@ -59,7 +57,7 @@ def route_task(
     task: Any = None,
     **_: Any,
 ) -> dict[str, Any] | None:
-    if name not in FD_TASK_NAMES:
+    if name not in keys.TASK_NAMES:
         return None
     app: Celery = task.app if task is not None else current_app
     config = get_config(app)
@@ -95,8 +93,8 @@ def _queue_for(config: SchedulerConfig, name: str, request: GenerateRequest, hea
         return keys.role_queue(topic, "mixed")
     roles, blur, prefill = ("mixed",), 0.0, None
     if config.scheduler_name == "splitwise" and name == "fd.prefill":
-        roles, blur = PREFILL_ROLES, PREFILL_BLUR
-        _require_live(config, DECODE_ROLES, "decode")
+        roles, blur = keys.PREFILL_ROLES, PREFILL_BLUR
+        _require_live(config, keys.DECODE_ROLES, "decode")
         # Weigh the prefill by its prompt (token ids, or UTF-8 bytes as the estimate for text).
         prefill = (uuid.uuid4().hex, len(request.token_ids) if request.token_ids is not None
                    else len((request.prompt or "").encode("utf-8", "replace")))

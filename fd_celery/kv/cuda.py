@@ -38,15 +38,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import keys
-from .errors import KVRefError
-from .kvstore import _ITEMSIZE, _alive, _as_bytes_tensor, _checksum, _header, _numel, note_held
+from fd_celery import keys
+from fd_celery.errors import KVRefError
+from fd_celery.kv.store import _ITEMSIZE, _alive, _as_bytes_tensor, _checksum, _header, _numel, note_held
 
 if TYPE_CHECKING:
     import redis
 
-    from .engine.base import KVCache
-    from .kvstore import KVRef
+    from fd_celery.engine.base import KVCache
+    from fd_celery.kv.store import KVRef
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def _load(ref: KVRef, holder: list[Any], device: str) -> KVCache:
     ``holder``), which is let go before this returns or raises: the producer's memory goes then."""
     import torch
 
-    from .engine.base import KVCache
+    from fd_celery.engine.base import KVCache
 
     header = _header(ref)
     buf = holder.pop()

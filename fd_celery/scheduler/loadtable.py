@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 import redis
 
-from . import keys
-from .config import SchedulerConfig
+from fd_celery import keys
+from fd_celery.config import SchedulerConfig
 
 __all__ = ["queue_lists", "shard_keys", "publish", "place", "release", "PRIORITY_SUFFIXES", "PREFILL_TOKEN_UNIT"]
 

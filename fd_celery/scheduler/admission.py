@@ -14,10 +14,10 @@ import uuid
 
 import redis
 
-from .config import SchedulerConfig
-from .connection import redis_errors, redis_for
-from .errors import QueueFull
-from .keys import pending_set
+from fd_celery.config import SchedulerConfig
+from fd_celery.connection import redis_errors, redis_for
+from fd_celery.errors import QueueFull
+from fd_celery.keys import pending_set
 
 __all__ = ["admit", "release"]
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import redis
 
-from . import keys
+from fd_celery import keys
 
 __all__ = [
     "TTFT_BUCKETS",
@@ -233,7 +233,8 @@ class FDCollector:
     def _families(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        from . import kvstore, loadtable, registry
+        from fd_celery import kv
+        from fd_celery.scheduler import loadtable, registry
 
         topic = self.config.scheduler_topic
         client = self.client
@@ -340,7 +341,7 @@ class FDCollector:
             running.add_metric([info.name], _number(info.facts.get("running")))
             slots.add_metric([info.name], _number(info.facts.get("slots")))
             beat.add_metric([info.name], info.heartbeat_age_s)
-        for node, nbytes in sorted(kvstore.bytes_held(client, topic).items()):
+        for node, nbytes in sorted(kv.bytes_held(client, topic).items()):
             held.add_metric([node], nbytes)
         yield from (queue, load, running, slots, beat, held)
 
@@ -361,7 +362,7 @@ def _number(value: Any) -> float:
 
 def queue_depths(client: redis.Redis, topic: str, nodes: Sequence[tuple[str, str]]) -> dict[str, int]:
     """Requests waiting in each node's own queue (every priority list), in one round trip."""
-    from .loadtable import queue_lists
+    from fd_celery.scheduler.loadtable import queue_lists
 
     pipe = client.pipeline(transaction=False)
     for node, role in nodes:
@@ -374,7 +375,7 @@ def queue_depths(client: redis.Redis, topic: str, nodes: Sequence[tuple[str, str
 
 def shared_queue_depths(client: redis.Redis, topic: str) -> dict[str, int]:
     """Requests waiting in each role's topic-wide queue."""
-    from .loadtable import queue_lists
+    from fd_celery.scheduler.loadtable import queue_lists
 
     pipe = client.pipeline(transaction=False)
     for role in keys.ROLES:
