@@ -179,7 +179,7 @@ def test_requests_through_the_cluster_are_counted(redis_server, client, node):
             break
         time.sleep(0.2)
     assert grown == 3, ("no worker recorded these requests' ends: is metrics.record_end called where a "
-                        "request ends (fd_celery/execution.py)?" if grown == 0 else grown)
+                        "request ends (fd_celery/worker/run.py)?" if grown == 0 else grown)
     assert (value(after, "fd_requests_total", node=node, outcome="ok")
             - value(before, "fd_requests_total", node=node, outcome="ok")) == 3
     assert (value(after, "fd_output_tokens_total", node=node) - value(before, "fd_output_tokens_total", node=node)

@@ -296,10 +296,10 @@ def _load_engine_in_child(**_: Any) -> None:
     """Load the model when a pool process starts, not on its first request."""
     if _worker_app is None:
         return
-    from fd_celery.worker.execution import engine_for
+    from fd_celery.worker.runner import runner_for
 
     try:
-        engine_for(_worker_app)
+        runner_for(_worker_app)
     except Exception:
         logger.exception("could not load the model in a pool process")
 

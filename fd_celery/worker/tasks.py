@@ -1,4 +1,5 @@
-"""The fd_celery tasks. Each is a thin entry point; the work happens in :mod:`fd_celery.worker.execution`.
+"""The fd_celery tasks. Each is a thin entry point; the work happens in :mod:`fd_celery.worker.generate`,
+:mod:`~fd_celery.worker.prefill` and :mod:`~fd_celery.worker.decode`.
 
 ``fd.generate``: one node runs prefill and decode. ``fd.prefill`` and ``fd.decode``: the two
 halves of a splitwise request, on different nodes. Every task takes keyword arguments only (the
@@ -12,6 +13,9 @@ from typing import Any
 from celery import Task, shared_task
 
 from fd_celery.errors import InvalidRequest, KVRefError, NoNodeAvailable, QueueFull, RequestExpired
+from fd_celery.worker.decode import run_decode
+from fd_celery.worker.generate import run_generate
+from fd_celery.worker.prefill import run_prefill
 
 __all__ = ["generate", "prefill", "decode"]
 
@@ -22,9 +26,9 @@ _OPTIONS: dict[str, Any] = {
     "acks_late": True,
     "reject_on_worker_lost": True,
     # Client.submit sends ignore_result (fd_celery stores the SUCCESS record off the request's
-    # path, see execution._guarded); failures are still stored by Celery.
+    # path, see fd_celery.worker.run.guarded); failures are still stored by Celery.
     "store_errors_even_if_ignored": True,
-    # STARTED is recorded by fd_celery itself (execution._Run.open): off the request's path,
+    # STARTED is recorded by fd_celery itself (fd_celery.worker.run.Run.open): off the request's path,
     # without Celery's read-before-write and result-channel publish.
     "track_started": False,
     # The caller's mistakes and expired requests are expected outcomes: logged without a traceback.
@@ -51,8 +55,6 @@ _OPTIONS["base"] = FDTask
 @shared_task(name="fd.generate", **_OPTIONS)
 def generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Generate text for one request on this node (prefill and decode)."""
-    from fd_celery.worker.execution import run_generate
-
     return run_generate(self, args, kwargs)
 
 
@@ -60,14 +62,10 @@ def generate(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 def prefill(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Splitwise, first half: build the KV cache here and hand it to a decode node. The result
     (in the backend) is the KV reference, never tensor data."""
-    from fd_celery.worker.execution import run_prefill
-
     return run_prefill(self, args, kwargs)
 
 
 @shared_task(name="fd.decode", **_OPTIONS)
 def decode(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Splitwise, second half: resolve the KV reference and generate the rest here."""
-    from fd_celery.worker.execution import run_decode
-
     return run_decode(self, args, kwargs)
