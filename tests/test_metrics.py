@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import fd_celery
 from fd_celery import keys
 from fd_celery.local_cluster import free_port
-from fd_celery.observability import metrics
+from fd_celery.observability import exporter, metrics
 from tests.conftest import TOPIC
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,7 +212,7 @@ def test_http_exporter(redis_server, topic):
 def test_exporter_reports_redis_down(redis_server, topic):
     config = fd_celery.SchedulerConfig(scheduler_port=free_port(), scheduler_topic=topic)
     dead = dead_redis(config.scheduler_port)
-    assert value(parse(metrics.exposition(dead, config).decode()), "fd_up") == 0
+    assert value(parse(exporter.exposition(dead, config).decode()), "fd_up") == 0
 
     proc = subprocess.run(_cmd("--once"), env=_env(config.scheduler_port, topic), cwd=REPO,
                           capture_output=True, text=True, timeout=60)

@@ -20,7 +20,7 @@ from fd_celery import kv
 from fd_celery.connection import redis_errors, redis_for
 from fd_celery.errors import FDCeleryError
 from fd_celery.keys import dead_letter_list, steals_hash
-from fd_celery.observability.metrics import queue_depths, shared_queue_depths
+from fd_celery.observability.exporter import queue_depths, shared_queue_depths
 from fd_celery.scheduler import loadtable
 from fd_celery.scheduler.registry import live_nodes
 from fd_celery.settings import get_config
@@ -163,7 +163,7 @@ def metrics(ctx: click.Context, port: int, address: str, once: bool) -> None:
         raise click.ClickException(
             "the metrics exporter needs prometheus_client: pip install prometheus-client"
         ) from None
-    from fd_celery.observability import metrics as fd_metrics
+    from fd_celery.observability import exporter
 
     app = ctx.obj.app
     try:
@@ -172,12 +172,12 @@ def metrics(ctx: click.Context, port: int, address: str, once: bool) -> None:
         with redis_errors(config):
             client.ping()
             if once:
-                click.echo(fd_metrics.exposition(client, config).decode(), nl=False)
+                click.echo(exporter.exposition(client, config).decode(), nl=False)
                 return
     except FDCeleryError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        server = fd_metrics.serve(client, config, port, address)
+        server = exporter.serve(client, config, port, address)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {address}:{port}: {exc}") from None
     click.echo(f"fd_celery metrics of topic {config.scheduler_topic!r} ({config.redacted_url()}) "

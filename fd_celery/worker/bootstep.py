@@ -22,6 +22,7 @@ from fd_celery.connection import redis_for
 from fd_celery.scheduler import loadtable, recovery, registry
 from fd_celery.scheduler.stealing import Thief
 from fd_celery.settings import NodeSettings, get_config, get_node_settings, set_node_settings
+from fd_celery.worker.redaction import install_log_redaction
 
 __all__ = ["FDWorkerStep"]
 
@@ -53,7 +54,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
         set_node_settings(app, settings)
         global _worker_app
         _worker_app = app  # pool processes forked from here warm up this app's engine
-        _install_log_redaction()
+        install_log_redaction()
         config = get_config(app)
         self.node = worker.hostname
         self.queues = [
@@ -302,53 +303,3 @@ def _load_engine_in_child(**_: Any) -> None:
         runner_for(_worker_app)
     except Exception:
         logger.exception("could not load the model in a pool process")
-
-
-class _RedactResults(logging.Filter):
-    """Celery logs a task's return value at INFO; for fd tasks that is generated text.
-    Replace it with its size, so logs at INFO never carry prompts or outputs."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, dict) and str(args.get("name", "")).startswith("fd."):
-            value = args.get("return_value")
-            if value is not None:
-                summary = f"<result: {len(str(value))} chars redacted>"
-                record.args = {**args, "return_value": summary}
-        return True
-
-
-class _RedactRejectedMessages(logging.Filter):
-    """Celery logs the full body and headers of a message it cannot handle (unknown task,
-    undecodable body, no task header): for fd queues that is a prompt. Keep the error, log the
-    sizes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from celery.worker.consumer import consumer as c
-
-        # template -> positions of its arguments that carry message contents
-        self.contents = {
-            c.UNKNOWN_FORMAT: (0,),
-            c.UNKNOWN_TASK_ERROR: (1, 2),
-            c.INVALID_TASK_ERROR: (1,),
-            c.MESSAGE_DECODE_ERROR: (3, 4),
-        }
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        positions = self.contents.get(record.msg) if isinstance(record.msg, str) else None
-        if positions and isinstance(record.args, tuple):
-            args = list(record.args)
-            for i in positions:
-                if i < len(args):
-                    args[i] = f"<{len(str(args[i]))} chars redacted>"
-            record.args = tuple(args)
-        return True
-
-
-def _install_log_redaction() -> None:
-    for name, kind in (("celery.app.trace", _RedactResults),
-                       ("celery.worker.consumer.consumer", _RedactRejectedMessages)):
-        target = logging.getLogger(name)
-        if not any(isinstance(f, kind) for f in target.filters):
-            target.addFilter(kind())
