@@ -11,7 +11,8 @@ A batching runner keeps this interface and steps many sequences in one forward.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence as Seq
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Seq
 
 from fd_celery.engine.base import Engine, KVCache, SamplingParams
 
