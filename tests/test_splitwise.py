@@ -357,3 +357,25 @@ def test_pool_copy_sums_what_it_copies(window, monkeypatch):
         checksum = kvstore._copy_summed(dest, parts)
         assert torch.equal(dest, torch.cat(parts)) if parts else len(dest) == 0
         assert checksum == kvstore._checksum(parts)
+
+
+@pytest.mark.parametrize("store", ["shm", "redis"])
+def test_decode_delivered_after_its_request_ended_releases_the_blob(sw, sw_app, sw_client, engine, store):
+    """A decode that arrives after its request ended (the second decode of a prefill that ran
+    twice) computes nothing, but releases the blob its reference names instead of leaving it to
+    the TTL sweep."""
+    done = sw_client.submit("ended already", max_tokens=4, seed=2)
+    first = done.result(timeout=60)
+    data, ref = _fake_prefill(sw_app, engine, done.request_id, store)
+    prefill_id = f"{done.request_id}-again"
+    sw_app.backend.store_result(prefill_id, data, states.SUCCESS)
+    r = _redis(sw_app)
+    assert r.hexists(keys.kv_held(TOPIC), ref.location)
+    _send_decode(sw_app, _worker(sw, "d1").node, done.request_id, prefill_id)
+    again = sw_app.AsyncResult(f"{done.request_id}-d").get(timeout=60)
+    assert again["token_ids"] == list(first.token_ids), "the late decode did not return the request's end"
+    assert not r.hexists(keys.kv_held(TOPIC), ref.location), "the blob is still in the bytes-held index"
+    if store == "shm":
+        assert not os.path.exists(os.path.join(kvstore.SHM_DIR, ref.location)), "the shm blob was left"
+    else:
+        assert not r.exists(ref.location), "the Redis blob was left"

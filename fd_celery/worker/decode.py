@@ -35,6 +35,7 @@ def run_decode(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dic
     decode = parse_decode_kwargs(kwargs)
     run = Run.open(task, decode.request_id)
     if run.ended_before():
+        _release_unused_blob(run, decode)
         return outcome(run.previous.data)  # type: ignore[union-attr]
     skip = run.previous.seq + 1 if run.previous is not None else 1
 
@@ -63,6 +64,19 @@ def run_decode(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dic
         return outcome(run.out.end({"result": result.to_dict()}, END_RETENTION_S))
 
     return guarded(run, work)
+
+
+def _release_unused_blob(run: Run, decode: DecodeRequest) -> None:
+    """A decode delivered after its request ended (again after it finished, or the second decode
+    of a prefill that ran twice): nobody will take the blob its reference names, so release it now
+    rather than leave it to the TTL sweep (GPU memory, for the cuda store). A blob already taken
+    is simply not there."""
+    try:
+        ref = _resolve(run, decode)
+        with redis_errors(run.config):
+            kv.discard(ref, run.client)
+    except Exception as exc:  # noqa: BLE001 - no reference left (expired, never stored): nothing to release
+        logger.info("request %s: no KV blob to release after its end (%s)", run.request_id, exc)
 
 
 def _resolve(run: Run, decode: DecodeRequest) -> kv.KVRef:
