@@ -217,8 +217,10 @@ def _tls(name: str, value: object) -> RedisTLS | None:
     return value
 
 
-def _param(default: Any, parse: Callable[[str, Any], Any], doc: str) -> Any:
-    return field(default=default, metadata={"parse": parse, "doc": doc})
+def _param(default: Any, parse: Callable[[str, Any], Any], doc: str, **metadata: Any) -> Any:
+    """A validated field: its default, its parser (``parse(name, value)``), its doc, and any
+    further metadata (``env``, ``unit``: see :class:`fd_celery.settings.NodeKnobs`)."""
+    return field(default=default, metadata={"parse": parse, "doc": doc, **metadata})
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,12 @@ class SchedulerConfig:
     #: Not a scheduler parameter: TLS follows the app's Celery settings (``RedisTLS.from_celery``).
     tls: RedisTLS | None = field(default=None, compare=True, metadata={
         "parse": _tls, "doc": "TLS to Redis, from the app's Celery settings", "param": False})
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SchedulerConfig:
+        # An unknown keyword is a ConfigError with a hint here, before the generated __init__
+        # would make it a bare TypeError.
+        check_names({k: v for k, v in kwargs.items() if k not in _NOT_PARAMS}, "SchedulerConfig argument")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -361,6 +369,10 @@ class SchedulerConfig:
         check_names(overrides, "keyword argument")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+#: Fields that are not scheduler parameters (``tls`` follows the app's Celery settings).
+_NOT_PARAMS = frozenset(f.name for f in dataclasses.fields(SchedulerConfig) if not f.metadata.get("param", True))
 
 
 def check_names(values: Mapping[str, Any], source: str, *, env: bool = False) -> None:

@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 
 import fd_celery
 from fd_celery import keys
+from fd_celery import kv as kvstore
 from fd_celery.errors import FDCeleryError, InvalidRequest, KVRefError, NoNodeAvailable
-from fd_celery.kv import store as kvstore
 from fd_celery.local_cluster import LocalCluster, RedisServer, WorkerProcess
 from fd_celery.protocol import MAX_TOKENS_LIMIT
 from fd_celery.worker import deadletter

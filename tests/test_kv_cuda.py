@@ -27,9 +27,12 @@ import pytest
 import torch
 
 from fd_celery import keys
+from fd_celery import kv as kvstore
 from fd_celery.errors import KVRefError
+from fd_celery.kv import blob as kvblob
 from fd_celery.kv import cuda as kvcuda
-from fd_celery.kv import store as kvstore
+from fd_celery.kv import index as kvindex
+from fd_celery.kv.ref import blob_name
 from fd_celery.local_cluster import LocalCluster, RedisServer
 from tests.conftest import CUDA_IPC as IPC
 from tests.conftest import reference_tokens
@@ -40,7 +43,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def _cuda_ref(**fields: Any) -> dict[str, Any]:
     token = uuid.uuid4().hex
     ref = kvstore.KVRef(
-        kind="cuda", location=kvstore._blob_name("kvc", "req-1", token), topic="kvc", request_id="req-1",
+        kind="cuda", location=blob_name("kvc", "req-1", token), topic="kvc", request_id="req-1",
         token=token, dtype="float32", shapes=((2, 3, 4), (2, 3, 4)), num_tokens=3, nbytes=192,
         checksum="s64:" + "1" * 16, owner="p@host", host=socket.gethostname(), expires_at=time.time() + 60,
         first_token=5, prompt_tokens=3, ipc=dict(IPC),
@@ -86,10 +89,10 @@ def test_the_blob_header_is_the_reference_without_its_ipc_object():
     field edited still changes it."""
     ref = kvstore.KVRef.from_dict(_cuda_ref())
     other_handle = kvstore.KVRef.from_dict({**ref.to_dict(), "ipc": {**IPC, "handle": "WFla" * 21 + "WQ=="}})
-    assert kvstore._header(ref) == kvstore._header(other_handle)
-    assert IPC["handle"].encode() not in kvstore._header(ref)
+    assert kvblob.header(ref) == kvblob.header(other_handle)
+    assert IPC["handle"].encode() not in kvblob.header(ref)
     edited = kvstore.KVRef.from_dict({**ref.to_dict(), "first_token": 6})
-    assert kvstore._header(edited) != kvstore._header(ref)
+    assert kvblob.header(edited) != kvblob.header(ref)
 
 
 @pytest.mark.parametrize("same_host,device,peer,forced,expected", [
@@ -125,7 +128,7 @@ def test_an_expired_cuda_claim_stays_for_its_producer(redis_server: RedisServer)
     now = time.time()
     r.hset(keys.kv_held(topic), mapping={
         "shm-old": f"p|10|{now - 5}|shm", "cuda-old": f"p|10|{now - 5}|cuda",
-        "cuda-orphan": f"p|10|{now - 2 * kvstore._CUDA_ORPHAN_S}|cuda", "live": f"p|10|{now + 60}|cuda",
+        "cuda-orphan": f"p|10|{now - 2 * kvindex.ORPHAN_CLAIM_S}|cuda", "live": f"p|10|{now + 60}|cuda",
     })
     assert kvstore.bytes_held(r, topic) == {"p": 10}
     assert sorted(k.decode() for k in r.hkeys(keys.kv_held(topic))) == ["cuda-old", "live"]
@@ -168,7 +171,9 @@ def test_hand_off_in_one_process(redis_server: RedisServer):
 PRODUCER = textwrap.dedent("""
     import json, socket, sys, time
     import redis, torch
-    from fd_celery.kv import cuda as kvcuda, store as kvstore
+    from fd_celery import kv as kvstore
+    from fd_celery.kv import cuda as kvcuda
+    from fd_celery.settings import node_knobs
     from fd_celery.engine import SamplingParams, load_engine
 
     port, topic, ttl, prompt = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4]
@@ -184,7 +189,7 @@ PRODUCER = textwrap.dedent("""
     before = torch.cuda.memory_allocated()
     print(json.dumps(ref.to_dict()), flush=True)
     sys.stdin.readline()  # decode is done, or will never come
-    deadline = time.time() + ttl + kvcuda.GRACE_S + 10
+    deadline = time.time() + ttl + node_knobs().kv_cuda_grace_s + 10
     while time.time() < deadline and (kvcuda.blobs_held() or torch.cuda.memory_allocated() > before - ref.nbytes):
         time.sleep(0.05)
     print(json.dumps({"held": kvcuda.blobs_held(), "freed": before - torch.cuda.memory_allocated()}), flush=True)

@@ -33,6 +33,7 @@ from celery import Celery, states
 
 import fd_celery
 from fd_celery import keys
+from fd_celery import kv as kvstore
 from fd_celery.connection import redis_for
 from fd_celery.engine import SamplingParams
 from fd_celery.errors import (
@@ -41,7 +42,6 @@ from fd_celery.errors import (
     InvalidRequest,
     KVRefError,
 )
-from fd_celery.kv import store as kvstore
 from fd_celery.local_cluster import LocalCluster, RedisServer, find_redis_server, free_port
 from fd_celery.protocol import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT
 from fd_celery.settings import get_config

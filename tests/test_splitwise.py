@@ -24,10 +24,12 @@ from celery import Celery, states
 
 import fd_celery
 from fd_celery import keys
+from fd_celery import kv as kvstore
 from fd_celery.engine import SamplingParams
 from fd_celery.errors import KVRefError, NoNodeAvailable
-from fd_celery.kv import store as kvstore
+from fd_celery.kv import blob as kvblob
 from fd_celery.local_cluster import LocalCluster, RedisServer
+from fd_celery.settings import node_knobs
 from tests.conftest import CUDA_IPC, reference_tokens
 
 pytestmark = pytest.mark.slow
@@ -242,7 +244,7 @@ def test_no_blob_is_left_after_200_requests(sw, sw_client, redis_server):
         time.sleep(0.05)
     assert kvstore.bytes_held(redis_server.client(), TOPIC) == {}
     prefill_processes = sum(1 for w in sw.workers if w.alive() and w.node.startswith("p"))
-    assert len(files) <= kvstore.POOL_SLOTS * max(1, prefill_processes)
+    assert len(files) <= node_knobs().kv_shm_pool_slots * max(1, prefill_processes)
 
 
 def test_shm_slots_are_recycled_and_gone_when_the_nodes_stop(redis_server):
@@ -348,15 +350,15 @@ def test_pool_copy_sums_what_it_copies(window, monkeypatch):
     (float32 parts of odd length put words across parts) and wherever the windows fall."""
     import random
 
-    monkeypatch.setattr(kvstore, "_COPY_WINDOW", window)
+    monkeypatch.setattr(kvblob, "COPY_WINDOW", window)
     rng = random.Random(window)
     for _ in range(200):
         parts = [torch.randint(0, 256, (rng.choice([0, 1, 3, 4, 7, 8, 60, 64, 65, 200]),), dtype=torch.uint8)
                  for _ in range(rng.randint(0, 6))]
         dest = torch.empty(sum(len(p) for p in parts), dtype=torch.uint8)
-        checksum = kvstore._copy_summed(dest, parts)
+        checksum = kvblob.copy_summed(dest, parts)
         assert torch.equal(dest, torch.cat(parts)) if parts else len(dest) == 0
-        assert checksum == kvstore._checksum(parts)
+        assert checksum == kvblob.checksum(parts)
 
 
 @pytest.mark.parametrize("store", ["shm", "redis"])

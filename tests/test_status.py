@@ -23,8 +23,8 @@ from celery import Celery
 
 import fd_celery
 from fd_celery import keys
+from fd_celery import kv as kvstore
 from fd_celery.engine import SamplingParams
-from fd_celery.kv import store as kvstore
 from fd_celery.local_cluster import LocalCluster, RedisServer
 from fd_celery.scheduler import loadtable, registry
 from tests.conftest import TOPIC

@@ -1,24 +1,39 @@
 """KV-cache hand-off for splitwise: blobs in a store, small JSON references (:class:`KVRef`) that
 travel through the result backend. Callers use this package's names only; which store holds a
-blob is the reference's ``kind``."""
+blob is the reference's ``kind``.
 
-from fd_celery.kv.store import (
-    MAX_KV_BYTES,
-    SHM_DIR,
-    SHM_PREFIX,
-    STORES,
-    KVRef,
-    bytes_held,
-    choose_store,
-    close_pool,
-    discard,
-    note_held,
-    note_taken,
-    put,
-    stores_offered,
-    sweep_shm,
-    take,
-)
+The layout: :mod:`~fd_celery.kv.ref` (the reference, its limits and locations),
+:mod:`~fd_celery.kv.blob` (the blob format and checksum), :mod:`~fd_celery.kv.index` (the
+bytes-held index), :mod:`~fd_celery.kv.base` (what a store is), :mod:`~fd_celery.kv.table` (the
+stores by kind, imported on first use: :mod:`~fd_celery.kv.shm`,
+:mod:`~fd_celery.kv.redis_store`, :mod:`~fd_celery.kv.cuda`), and
+:mod:`~fd_celery.kv.dispatch` (put, take, discard, and the choice of a store).
+"""
 
-__all__ = ["KVRef", "put", "take", "discard", "note_held", "note_taken", "bytes_held", "stores_offered",
-           "choose_store", "sweep_shm", "close_pool", "STORES", "SHM_DIR", "SHM_PREFIX", "MAX_KV_BYTES"]
+from __future__ import annotations
+
+from fd_celery.kv.dispatch import choose_store, close_pool, discard, put, stores_offered, sweep_shm, take
+from fd_celery.kv.index import bytes_held, note_held, note_taken
+from fd_celery.kv.ref import SHM_DIR, SHM_PREFIX, KVRef, max_kv_bytes
+from fd_celery.kv.table import STORES
+
+__all__ = [
+    # the reference
+    "KVRef", "STORES", "SHM_DIR", "SHM_PREFIX", "MAX_KV_BYTES",
+    # the hand-off
+    "put", "take", "discard", "stores_offered", "choose_store",
+    # the bytes-held index
+    "note_held", "note_taken", "bytes_held",
+    # housekeeping
+    "sweep_shm", "close_pool",
+]
+
+#: (read when asked, below: a bad ``FD_MAX_KV_BYTES`` is an error where a reference is checked,
+#: not where this package is imported)
+MAX_KV_BYTES: int
+
+
+def __getattr__(name: str) -> int:
+    if name == "MAX_KV_BYTES":
+        return max_kv_bytes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

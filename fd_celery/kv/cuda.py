@@ -14,7 +14,7 @@ On top of that, one party *claims* the blob by deleting its entry in ``fd:<topic
 - decode claims it before opening the handle, then copies and drops the mapping;
 - the producer keeps the buffer in :data:`_SENT` until the claim is seen (a reaper thread polls
   Redis every :data:`REAP_INTERVAL_S`), then drops it: torch frees it once the counter is 0;
-- a blob nobody claimed by its expiry (+ :data:`GRACE_S`) is claimed by the producer, which
+- a blob nobody claimed by its expiry (+ ``FD_KV_CUDA_GRACE_S``) is claimed by the producer, which
   gives back the counter itself, so the memory is freed;
 - a decode process that claimed but could not open the handle puts the entry back, so the
   producer reclaims it at expiry.
@@ -40,17 +40,20 @@ from typing import TYPE_CHECKING, Any
 
 from fd_celery import keys
 from fd_celery.errors import KVRefError
-from fd_celery.kv.store import _ITEMSIZE, _alive, _as_bytes_tensor, _checksum, _header, _numel, note_held
+from fd_celery.kv.base import KVStore, pid_alive, refuse_pool
+from fd_celery.kv.blob import as_bytes_tensor, checksum, header
+from fd_celery.kv.index import held_value, note_held
+from fd_celery.kv.ref import ITEMSIZE, KVRef, numel
+from fd_celery.settings import node_knobs
 
 if TYPE_CHECKING:
     import redis
 
     from fd_celery.engine.base import KVCache
-    from fd_celery.kv.store import KVRef
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["put", "take", "discard", "check_ipc", "blobs_held", "IPC_FIELDS"]
+__all__ = ["STORE", "CudaStore", "check_ipc", "blobs_held", "IPC_FIELDS"]
 
 #: The ``ipc`` object of a ``cuda`` reference: field -> type.
 IPC_FIELDS: dict[str, type] = {
@@ -69,7 +72,28 @@ _MAX_HANDLE_BYTES = 512
 _COUNTER_SLOTS = 10000  # torch's CUDA_IPC_REF_COUNTER_FILE_SIZE: offsets in a counter file
 REAP_INTERVAL_S = 0.2
 LIMBO_S = 5.0  # how long the reaper keeps collecting torch's limbo after letting go of a buffer
-GRACE_S = float(os.environ.get("FD_KV_CUDA_GRACE_S", "5"))
+
+
+class CudaStore(KVStore):
+    kind = "cuda"
+    rank = 0  # no copy through host memory: the first choice where both ends are on CUDA
+    claims_in_index = True
+
+    def offered(self, device: str) -> bool:
+        return device.startswith("cuda")
+
+    def put(self, ref: KVRef, tensors: list[Any], client: redis.Redis | None, ttl_s: float) -> KVRef:
+        return _put(ref, tensors, client)
+
+    def take(self, ref: KVRef, device: str, client: redis.Redis | None) -> KVCache:
+        return _take(ref, device, client)
+
+    def discard(self, ref: KVRef, client: redis.Redis | None) -> None:
+        _discard(ref, client)
+
+    def check(self, ref: KVRef) -> None:
+        refuse_pool(ref)
+        check_ipc(ref.ipc)
 
 
 def check_ipc(ipc: Any) -> None:
@@ -148,6 +172,7 @@ class _Registry:
         import torch
 
         now = time.time() if now is None else now
+        grace_s = node_knobs().kv_cuda_grace_s
         dropped = 0
         with self.lock:
             by_key: dict[tuple[int, str], list[str]] = {}
@@ -161,7 +186,7 @@ class _Registry:
                     if value is None:  # decode claimed it: its mapping keeps the counter up
                         del self.sent[location]
                         dropped += 1
-                    elif now > sent.expires_at + GRACE_S and sent.client.hdel(sent.held_key, location):
+                    elif now > sent.expires_at + grace_s and sent.client.hdel(sent.held_key, location):
                         _release_counter(sent)  # never opened: give back the consumer's count
                         del self.sent[location]
                         dropped += 1
@@ -199,7 +224,7 @@ def _release_counter(sent: _Sent) -> None:
     torch.UntypedStorage._release_ipc_counter_cuda(sent.counter, sent.counter_offset)
 
 
-def put(ref: KVRef, tensors: list[Any], client: redis.Redis | None) -> KVRef:
+def _put(ref: KVRef, tensors: list[Any], client: redis.Redis | None) -> KVRef:
     """Write ``tensors`` (on one CUDA device) into a new GPU buffer behind a header, share it,
     and return ``ref`` completed with its checksum and ``ipc`` object."""
     import torch
@@ -210,17 +235,17 @@ def put(ref: KVRef, tensors: list[Any], client: redis.Redis | None) -> KVRef:
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         raise KVRefError(f"the cuda KV store needs a cache on one CUDA device, got {sorted(map(str, devices))}")
     device = devices.pop()
-    start = len(_header(ref))  # the checksum is fixed-width: the final header is as long
+    start = len(header(ref))  # the checksum is fixed-width: the final header is as long
     buf = torch.empty(start + ref.nbytes, dtype=torch.uint8, device=device)
     offset = start
     for t in tensors:
         part = t.reshape(-1).view(torch.uint8)
         buf[offset : offset + len(part)].copy_(part)
         offset += len(part)
-    ref = dataclasses.replace(ref, checksum=_checksum([buf[start:]]))
-    header = _header(ref)
-    assert len(header) == start
-    buf[:start].copy_(_as_bytes_tensor(bytearray(header)))
+    ref = dataclasses.replace(ref, checksum=checksum([buf[start:]]))
+    head = header(ref)
+    assert len(head) == start
+    buf[:start].copy_(as_bytes_tensor(bytearray(head)))
     # Shared after every write: torch records the IPC event on this stream now.
     dev, handle, size, offset_bytes, counter, counter_offset, event, sync = buf.untyped_storage()._share_cuda_()
     ipc = {
@@ -238,7 +263,7 @@ def put(ref: KVRef, tensors: list[Any], client: redis.Redis | None) -> KVRef:
     return ref
 
 
-def discard(ref: KVRef, client: redis.Redis | None) -> None:
+def _discard(ref: KVRef, client: redis.Redis | None) -> None:
     """The producer's own release of a blob nobody will take (the hand-off failed)."""
     if client is None:
         return
@@ -251,7 +276,7 @@ def discard(ref: KVRef, client: redis.Redis | None) -> None:
 # --------------------------------------------------------------------------- the consumer
 
 
-def take(ref: KVRef, device: str, client: redis.Redis | None, held_value: str) -> KVCache:
+def _take(ref: KVRef, device: str, client: redis.Redis | None) -> KVCache:
     """Claim the blob, map it (or take it from this process), check it, copy it to ``device``."""
     if ref.host != socket.gethostname():
         raise KVRefError(f"KV reference of kind cuda lives on host {ref.host!r}; CUDA IPC works on one host only")
@@ -271,7 +296,7 @@ def take(ref: KVRef, device: str, client: redis.Redis | None, held_value: str) -
         try:
             holder = [_open(ref)]
         except KVRefError:
-            client.hset(held_key, ref.location, held_value)  # unopened: the producer reclaims it at expiry
+            client.hset(held_key, ref.location, held_value(ref))  # unopened: the producer reclaims it at expiry
             raise
     return _load(ref, holder, device)
 
@@ -283,7 +308,7 @@ def _open(ref: KVRef) -> Any:
 
     ipc = ref.ipc
     assert ipc is not None
-    total = len(_header(ref)) + ref.nbytes
+    total = len(header(ref)) + ref.nbytes
     if total > ipc["storage_bytes"]:
         raise KVRefError(f"KV reference of request {ref.request_id}: {total} bytes do not fit its shared buffer")
     if not torch.cuda.is_available():
@@ -296,7 +321,7 @@ def _open(ref: KVRef) -> Any:
         )
     except (RuntimeError, ValueError, TypeError) as exc:
         # "missing": decode computes the prefill again, so the request still completes.
-        why = (f"its prefill process {ipc['pid']} is gone" if not _alive(ipc["pid"])
+        why = (f"its prefill process {ipc['pid']} is gone" if not pid_alive(ipc["pid"])
                else f"its CUDA IPC handle cannot be opened here ({exc})")
         raise KVRefError(f"KV blob of request {ref.request_id} is missing: {why}") from None
 
@@ -308,19 +333,22 @@ def _load(ref: KVRef, holder: list[Any], device: str) -> KVCache:
 
     from fd_celery.engine.base import KVCache
 
-    header = _header(ref)
+    expected = header(ref)
     buf = holder.pop()
-    matches = bytes(buf[: len(header)].cpu().numpy()) == header
-    data = buf[len(header) : len(header) + ref.nbytes].to(device, copy=True) if matches else None
+    matches = bytes(buf[: len(expected)].cpu().numpy()) == expected
+    data = buf[len(expected) : len(expected) + ref.nbytes].to(device, copy=True) if matches else None
     del buf  # the mapping goes (torch syncs, then gives back its count), even if a check fails below
     if data is None:
         raise KVRefError(f"KV reference of request {ref.request_id} does not match its blob (tampered?)")
-    if len(data) != ref.nbytes or _checksum([data]) != ref.checksum:
+    if len(data) != ref.nbytes or checksum([data]) != ref.checksum:
         raise KVRefError(f"KV blob of request {ref.request_id} fails its checksum")
     dtype = getattr(torch, ref.dtype)
     tensors, offset = [], 0
     for shape in ref.shapes:
-        n = _numel(shape) * _ITEMSIZE[ref.dtype]
+        n = numel(shape) * ITEMSIZE[ref.dtype]
         tensors.append(data[offset : offset + n].view(dtype).reshape(shape))
         offset += n
     return KVCache(keys=tensors[0::2], values=tensors[1::2])
+
+
+STORE = CudaStore()
