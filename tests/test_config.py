@@ -452,6 +452,17 @@ def test_unknown_key_through_replace():
         SchedulerConfig().replace(scheduler_writer_paralel=2)
 
 
+def test_unknown_constructor_argument_is_a_config_error():
+    """Constructed directly, not through install(): still a ConfigError naming the parameter
+    (the dataclass alone would raise a bare TypeError), with a hint where one is close."""
+    with pytest.raises(ConfigError, match="'scheduler_bogus'"):
+        SchedulerConfig(scheduler_bogus=1)
+    with pytest.raises(ConfigError) as info:
+        SchedulerConfig(scheduler_tll=5)
+    assert "'scheduler_tll'" in str(info.value) and "did you mean scheduler_ttl" in str(info.value)
+    assert SchedulerConfig(scheduler_ttl=5).with_tls(None).scheduler_ttl == 5  # known fields still pass
+
+
 def test_unrelated_celery_settings_and_env_are_ignored(monkeypatch):
     monkeypatch.setenv("FD_ROLE", "decode")
     monkeypatch.setenv("FD_SCHEDULERX", "1")  # not the FD_SCHEDULER_ prefix
