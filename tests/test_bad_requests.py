@@ -20,7 +20,7 @@ import fd_celery
 from fd_celery.errors import InvalidRequest, WorkerError
 from fd_celery.keys import output_stream, role_queue
 from fd_celery.protocol import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT
-from tests.conftest import TOPIC
+from tests.conftest import TOPIC, make_app, run_topic
 
 DROP = object()  # remove this field from the base request
 BASE: dict[str, Any] = {"prompt": "hello", "max_tokens": 4}
@@ -29,6 +29,19 @@ BASE: dict[str, Any] = {"prompt": "hello", "max_tokens": 4}
 def request(**fields: Any) -> dict[str, Any]:
     merged = {**BASE, **fields}
     return {k: v for k, v in merged.items() if v is not DROP}
+
+
+@pytest.fixture(scope="module")
+def offline_app(redis_server) -> Celery:
+    """An app of a topic no worker serves: enough for what is refused before anything is
+    published (and had a bad request gone out, no worker would have run it)."""
+    return make_app(redis_server, scheduler_topic=run_topic("bad-offline"))
+
+
+@pytest.fixture(scope="module")
+def offline_client(offline_app: Celery) -> Iterator[fd_celery.Client]:
+    with fd_celery.Client(offline_app) as client:
+        yield client
 
 
 def assert_still_serving(client: fd_celery.Client) -> None:
@@ -94,9 +107,9 @@ SUBMIT_CASES = [
 
 
 @pytest.mark.parametrize("kwargs,fragment", [c[1:] for c in SUBMIT_CASES], ids=[c[0] for c in SUBMIT_CASES])
-def test_submit_rejects_bad_request(client, kwargs, fragment):
+def test_submit_rejects_bad_request(offline_client, kwargs, fragment):
     with pytest.raises(InvalidRequest) as info:
-        client.submit(**kwargs)
+        offline_client.submit(**kwargs)
     assert fragment in str(info.value)
     assert isinstance(info.value, ValueError) and isinstance(info.value, fd_celery.FDCeleryError)
 
@@ -129,17 +142,17 @@ SEND_TASK_CASES = [
 
 
 @pytest.mark.parametrize("kwargs,fragment", [c[1:] for c in SEND_TASK_CASES], ids=[c[0] for c in SEND_TASK_CASES])
-def test_plain_send_task_rejected_by_router(app: Celery, kwargs, fragment):
+def test_plain_send_task_rejected_by_router(offline_app: Celery, kwargs, fragment):
     with pytest.raises(InvalidRequest) as info:
-        app.send_task("fd.generate", kwargs=kwargs)
+        offline_app.send_task("fd.generate", kwargs=kwargs)
     assert fragment in str(info.value)
 
 
-def test_apply_async_on_the_task_object_is_checked_too(app: Celery):
+def test_apply_async_on_the_task_object_is_checked_too(offline_app: Celery):
     from fd_celery.worker.tasks import generate
 
     with pytest.raises(InvalidRequest, match="max_tokens"):
-        app.tasks[generate.name].apply_async(kwargs={"prompt": "hello", "max_tokens": 0})
+        offline_app.tasks[generate.name].apply_async(kwargs={"prompt": "hello", "max_tokens": 0})
 
 
 @pytest.mark.parametrize("args", [[1], ["hello", 4], [{"prompt": "hello"}]])
@@ -214,13 +227,13 @@ def test_raw_positional_args_rejected(raw: Celery, client):
     assert_still_serving(client)
 
 
-def test_raw_valid_message_is_served(raw: Celery):
+def test_raw_valid_message_is_served(raw: Celery, node):
     """The control: the same raw path with a good payload works, so rejections are real."""
     result = raw.send_task("fd.generate", kwargs={"prompt": "hello", "max_tokens": 3}, queue=QUEUE).get(timeout=60)
     assert len(result["token_ids"]) >= 1
 
 
-def test_raw_rejection_also_ends_the_output_stream(raw: Celery, redis_server):
+def test_raw_rejection_also_ends_the_output_stream(raw: Celery, redis_server, node):
     async_result = raw.send_task("fd.generate", kwargs={"prompt": "", "max_tokens": 4}, queue=QUEUE)
     with pytest.raises(InvalidRequest):
         async_result.get(timeout=60)

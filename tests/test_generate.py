@@ -83,18 +83,6 @@ def test_request_id_is_the_handle_id_and_reruns_are_idempotent(client):
     assert again == one
 
 
-def test_client_app_needs_no_torch():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys; import fd_celery; from fd_celery import Client, install;"
-        "from celery import Celery; install(Celery('x'));"
-        "assert 'torch' not in sys.modules, 'torch was imported'"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
 def test_worker_keeps_serving_after_engine_level_rejection(client, engine):
     too_long = "x" * (engine.max_context + 10)
     with pytest.raises(InvalidRequest, match="context"):

@@ -5,6 +5,8 @@ entry holding the final result or the error. The Celery result backend is consul
 never reaches the stream (a failure outside fd_celery's code, a stream already expired), and the
 client's own clock turns a request that no node started within its TTL into ``RequestExpired``.
 Client apps need no torch.
+
+A client's reader threads live until :meth:`Client.close` (or the end of its ``with`` block).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from types import TracebackType
 from typing import Any
 
 import kombu.exceptions
@@ -37,14 +40,22 @@ from fd_celery.protocol import RESULT_DEFERRED, RESULT_HEADER, GenerationResult,
 from fd_celery.settings import get_config
 from fd_celery.streams import StreamReaders, last_entry
 
-__all__ = ["Client", "RequestHandle"]
+__all__ = ["Client", "RequestHandle", "ClientClosed"]
 
 # A request still PENDING this long after its deadline was never started by any node.
 EXPIRY_GRACE_S = 2.0
 
 
+class ClientClosed(FDCeleryError, RuntimeError):
+    """The client was closed: it submits nothing more and follows no stream."""
+
+
 class Client:
-    """Submits generation requests to an fd_celery cluster through a Celery app."""
+    """Submits generation requests to an fd_celery cluster through a Celery app.
+
+    Close it when done (``close()``, or ``with Client(app) as client:``): that stops the threads
+    that follow its requests' output streams. The app and its connections stay the caller's.
+    """
 
     def __init__(self, app: Celery) -> None:
         self.app = app
@@ -53,12 +64,42 @@ class Client:
         self._task_name = "fd.prefill" if self.config.scheduler_name == "splitwise" else "fd.generate"
         self._readers: StreamReaders | None = None
         self._readers_lock = threading.Lock()
+        self._closed = False
         self._redis = redis_for(self.config)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop following output streams: reader threads end within about one blocking read
+        (``BLOCK_MS``), and a handle still waiting raises ``ClientClosed``. Calling it again does
+        nothing; a submit afterwards raises ``ClientClosed``."""
+        with self._readers_lock:
+            self._closed = True
+            readers, self._readers = self._readers, None
+        # Readers that cannot stop (no close()) at least follow nothing: each waiting handle
+        # sees the flag within a block period and unsubscribes on its way out.
+        stop = getattr(readers, "close", None)
+        if callable(stop):
+            stop()
+
+    def _check_open(self, doing: str) -> None:
+        if self._closed:
+            raise ClientClosed(f"this Client is closed (close() was called): it cannot {doing}")
 
     @property
     def readers(self) -> StreamReaders:
         """The reader threads that follow this client's output streams (started on first use)."""
         with self._readers_lock:
+            self._check_open("follow output streams")
             if self._readers is None:
                 config = self.config
                 self._readers = StreamReaders(
@@ -83,8 +124,9 @@ class Client:
 
         Raises ``InvalidRequest`` for a malformed request, ``QueueFull`` when the local queue is at
         ``scheduler_max_size``, ``NoNodeAvailable`` for a ``node`` that is not live, and
-        ``BrokerUnavailable`` when Redis cannot be reached.
+        ``BrokerUnavailable`` when Redis cannot be reached, ``ClientClosed`` after :meth:`close`.
         """
+        self._check_open("submit requests")
         fields = {
             "prompt": prompt,
             "token_ids": token_ids,
@@ -159,6 +201,7 @@ class RequestHandle:
 
     def _follow(self, timeout: float | None, chunks: bool) -> Iterator[OutputChunk]:
         config = self._client.config
+        self._client._check_open(f"follow request {self.request_id}")
         give_up_at = None if timeout is None else time.monotonic() + timeout
         after = -1
         if not chunks:  # only the end matters: start from the stream's last entry
@@ -181,6 +224,8 @@ class RequestHandle:
                     entries = entries_queue.get(timeout=wait_s)
                 except queue.Empty:
                     entries = []
+                # Before what the queue holds: closed readers may wake their followers with anything.
+                self._client._check_open(f"follow request {self.request_id}")
                 if isinstance(entries, BaseException):
                     raise BrokerUnavailable(
                         f"Redis at {config.redacted_url()} is unreachable: {entries}"
