@@ -21,7 +21,7 @@ from fd_celery import keys, kv
 from fd_celery.connection import redis_for
 from fd_celery.scheduler import loadtable, recovery, registry
 from fd_celery.scheduler.stealing import Thief
-from fd_celery.settings import NodeSettings, get_config, get_node_settings, set_node_settings
+from fd_celery.settings import NodeSettings, get_config, get_node_settings, node_knobs, set_node_settings
 from fd_celery.worker.redaction import install_log_redaction
 
 __all__ = ["FDWorkerStep"]
@@ -49,7 +49,9 @@ class FDWorkerStep(bootsteps.StartStopStep):
             role=fd_role or env.role,
             model=fd_model or env.model,
             device=fd_device or env.device,
-            torch_threads=_torch_threads(),
+            # (one intra-op thread is the fastest for small-batch decoding on CPU: more spin against
+            # each other and the other pool processes; FD_TORCH_THREADS gives a big CPU model more)
+            torch_threads=node_knobs().torch_threads,
         )
         set_node_settings(app, settings)
         global _worker_app
@@ -250,17 +252,6 @@ _worker_app: Any = None
 ORPHANS_ONLY_SCORE = 1e9  # splitwise thieves take only the queues of dead nodes
 SWEEP_INTERVAL_S = 10.0
 SWEEP_GRACE_S = 60.0
-
-# Intra-op threads per pool process. One is the fastest for small-batch decoding on CPU (more
-# threads spin against each other and against the other pool processes); FD_TORCH_THREADS=N
-# gives a big CPU model more.
-DEFAULT_TORCH_THREADS = 1
-
-
-def _torch_threads() -> int:
-    raw = os.environ.get("FD_TORCH_THREADS", "")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_TORCH_THREADS
-
 
 @signals.worker_process_shutdown.connect
 def _close_kv_pool(**_: Any) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import time
 import uuid
@@ -22,7 +21,7 @@ from fd_celery.errors import NoNodeAvailable
 from fd_celery.observability import metrics
 from fd_celery.protocol import RESULT_DEFERRED, RESULT_HEADER, DecodeRequest, GenerateRequest
 from fd_celery.scheduler import loadtable
-from fd_celery.settings import get_node_settings
+from fd_celery.settings import get_node_settings, node_knobs
 from fd_celery.streams import END_RETENTION_S
 from fd_celery.worker.records import write_record
 from fd_celery.worker.run import (
@@ -143,7 +142,7 @@ def _store_for(run: Run, decode_node: str) -> str:
     host, stores = _node_kv_facts(run, decode_node)
     return kv.choose_store(
         same_host=host == socket.gethostname(), device=get_node_settings(run.task.app).device,
-        peer_stores=stores, forced=os.environ.get("FD_KV_STORE", "auto"),
+        peer_stores=stores, forced=node_knobs().kv_store,
     )
 
 
