@@ -62,7 +62,7 @@ def install(app: Celery, config: SchedulerConfig | None = None, **overrides: Any
 def _apply_config(app: Celery, config: SchedulerConfig) -> None:
     """Cache the config; derive broker and result backend from it unless the app chose its own."""
     set_config(app, config)
-    derived = getattr(app, _DERIVED_ATTR, set())
+    derived: set[str] = getattr(app, _DERIVED_ATTR, set())
     for setting in ("broker_url", "result_backend"):
         if not app.conf.get(setting) or setting in derived:
             app.conf[setting] = config.redis_url

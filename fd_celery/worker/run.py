@@ -172,7 +172,8 @@ def record_end(pipe: Any, topic: str, node: str, end: dict[str, Any]) -> None:
                            len(result.get("token_ids") or ()),
                            first_node=served[0] if len(served) > 1 else None)
     else:
-        error = end.get("error") if isinstance(end.get("error"), dict) else {}
+        error = end.get("error")
+        error = error if isinstance(error, dict) else {}
         metrics.record_end(pipe, topic, node, str(error.get("type", "WorkerError")), None, None, 0)
 
 
