@@ -7,6 +7,7 @@ about as long as the slowest one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import shm_files
+
 pytestmark = pytest.mark.slow
 
 DEMO_TIMEOUT_S = 150
@@ -31,6 +34,7 @@ RUNS = {
     "global": ["--requests", "12", "--max-tokens", "32", "--workers", "3"],  # long enough to steal
     "splitwise": ["--requests", "6", "--max-tokens", "8", "--workers", "3"],
 }
+WORKER_LINE = re.compile(r"^  \S+@\S+: \w+, pid (\d+)$", re.M)  # how the demo lists a worker it started
 
 
 @dataclass
@@ -39,17 +43,36 @@ class Demo:
     cwd: Path
     proc: subprocess.Popen[str]
     started: float = field(default_factory=time.monotonic)
+    head: str = ""  # what was read before wait()
+    topic: str | None = None  # the demo's own topic (it names the demo's KV files)
     output: str = ""
     returncode: int | None = None
+
+    def learn_topic(self) -> None:
+        """Read the output up to the first worker, and that worker's topic from its environment
+        (the demo does not print it; it is random, so no other run's demo has it)."""
+        assert self.proc.stdout is not None
+        while (line := self.proc.stdout.readline()) and not WORKER_LINE.match(line):
+            self.head += line
+        self.head += line
+        match = WORKER_LINE.match(line)
+        if match is None:
+            return  # the demo ended before it started a worker: wait() reports it
+        with contextlib.suppress(OSError):  # a worker gone already: the check that needs it fails
+            environ = Path(f"/proc/{match.group(1)}/environ").read_bytes().split(b"\0")
+            found = [v for k, _, v in (e.partition(b"=") for e in environ) if k == b"FD_SCHEDULER_TOPIC"]
+            self.topic = found[0].decode() if found else None
 
     def wait(self) -> Demo:
         if self.returncode is None:
             try:
-                self.output, _ = self.proc.communicate(timeout=DEMO_TIMEOUT_S)
+                rest, _ = self.proc.communicate(timeout=DEMO_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.output, _ = self.proc.communicate()
+                rest, _ = self.proc.communicate()
+                self.output = self.head + rest
                 pytest.fail(f"demo {self.name} did not finish in {DEMO_TIMEOUT_S}s:\n{self.output[-4000:]}")
+            self.output = self.head + rest
             self.returncode = self.proc.returncode
         return self
 
@@ -74,6 +97,7 @@ def _start(name: str, args: list[str], cwd: Path) -> Demo:
 def demos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Demo]]:
     root = tmp_path_factory.mktemp("demo")
     started = {name: _start(name, ["--scheduler", name, *args], root / name) for name, args in RUNS.items()}
+    started["splitwise"].learn_topic()  # the one demo that hands KV caches over shared memory
     yield started
     for demo in started.values():  # a test that failed early must not leave a demo running
         if demo.proc.poll() is None:
@@ -118,7 +142,7 @@ def _started_processes(output: str) -> tuple[int, int, list[int]]:
     """(redis port, redis pid, worker pids) as the demo printed them."""
     redis_match = re.search(r"Redis on 127\.0\.0\.1:(\d+) \(pid (\d+)\)", output)
     assert redis_match, output
-    workers = [int(pid) for pid in re.findall(r"^  \S+@\S+: \w+, pid (\d+)$", output, re.M)]
+    workers = [int(pid) for pid in WORKER_LINE.findall(output)]
     return int(redis_match.group(1)), int(redis_match.group(2)), workers
 
 
@@ -204,7 +228,9 @@ def test_splitwise_demo_shows_prefill_then_decode(demos):
     assert all(re.match(r"\s+\d+\s+prefill1 > decode[12]\s", row) for row in rows), out
     assert "6 KV caches handed from prefill to decode" in out, out
     # (only this demo hands KV caches over shared memory; its workers take their files with them)
-    assert [n for n in os.listdir("/dev/shm") if n.startswith("fdkv-demo-")] == [], "the demo left KV files"
+    topic = demos["splitwise"].topic
+    assert topic and topic.startswith("demo-"), f"the splitwise demo's topic was not found: {topic!r}"
+    assert shm_files(topic) == [], "the demo left KV files"
 
 
 def test_ctrl_c_stops_every_process(demos, tmp_path):
@@ -221,7 +247,7 @@ def test_ctrl_c_stops_every_process(demos, tmp_path):
         if line.startswith("sending ") or time.monotonic() > deadline:
             break
     assert seen and seen[-1].startswith("sending "), "".join(seen)
-    time.sleep(1.0)
+    time.sleep(1.0)  # the scenario: Ctrl-C lands in the middle of the burst, not at its start
     os.killpg(demo.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     rest, _ = demo.proc.communicate(timeout=60)
     out = "".join(seen) + rest

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from fd_celery.local_cluster import free_port
+from tests.conftest import TOPIC
 
 yaml = pytest.importorskip("yaml")
 
@@ -594,7 +595,7 @@ def test_docker_readme_covers_build_run_cpu_cuda_flower_and_security():
 def client_env(redis_server, cluster) -> Iterator[dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FD_")}
     env.update(FD_SCHEDULER_HOST="127.0.0.1", FD_SCHEDULER_PORT=str(redis_server.port),
-               FD_SCHEDULER_TOPIC="test", PYTHONUNBUFFERED="1")
+               FD_SCHEDULER_TOPIC=TOPIC, PYTHONUNBUFFERED="1")
     yield env
 
 

@@ -35,7 +35,7 @@ from fd_celery.local_cluster import LocalCluster, RedisServer, WorkerProcess, fr
 from fd_celery.observability import metrics
 from fd_celery.protocol import GenerationResult, OutputChunk
 from fd_celery.scheduler import recovery
-from tests.conftest import reference_tokens
+from tests.conftest import reference_tokens, run_topic
 
 pytestmark = pytest.mark.slow
 
@@ -395,7 +395,7 @@ def _restart_redis(server: RedisServer, down_s: float, during: Any) -> RedisServ
     server.process.wait(10)
     stopped = time.monotonic()
     during()
-    time.sleep(max(0.0, down_s - (time.monotonic() - stopped)))
+    time.sleep(max(0.0, down_s - (time.monotonic() - stopped)))  # the outage itself: nothing to wait for
     return RedisServer(port=server.port, appendonly=True, workdir=server.workdir).start()
 
 
@@ -405,7 +405,7 @@ def test_redis_restart_under_load(engine):
     BrokerUnavailable (a submit through the global scheduler, a caller waiting for a result; the
     local scheduler's submit is in test_submit_while_redis_is_down_fails_fast)."""
     server = RedisServer(appendonly=True).start()
-    topic = "rr"
+    topic = run_topic("rr")
     cluster = LocalCluster(server, env={"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "global",
                                         "FD_VISIBILITY_TIMEOUT_S": "5"})
     try:
@@ -467,7 +467,7 @@ def test_redis_blip_mid_stream_loses_no_chunk(engine):
     Regression: OutputWriter used to drop a batch that failed and append the next ones, leaving a
     gap that the stream's caller skipped while the result had every token."""
     server = RedisServer(appendonly=True).start()
-    topic = "blip"
+    topic = run_topic("blip")
     cluster = LocalCluster(server, env={"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "global",
                                         "FD_VISIBILITY_TIMEOUT_S": "5"})
     try:
@@ -506,11 +506,12 @@ def test_submit_while_redis_is_down_fails_fast(scheduler, state):
     then raise a bare RuntimeError ('Retry limit exceeded ... must be restarted')."""
     server = RedisServer().start() if state == "warm" else None
     port = server.port if server is not None else free_port()
-    client = _client(port, f"down-{scheduler}", scheduler_name=scheduler)
+    topic = run_topic(f"down-{scheduler}")
+    client = _client(port, topic, scheduler_name=scheduler)
     if server is not None:
         if scheduler == "splitwise":  # a live decode node, or submit refuses before publishing
-            server.client().zadd(keys.nodes_zset(f"down-{scheduler}"), {"d@x": time.time() * 1000 + 60_000})
-            server.client().hset(keys.node_hash(f"down-{scheduler}", "d@x"), "role", json.dumps("decode"))
+            server.client().zadd(keys.nodes_zset(topic), {"d@x": time.time() * 1000 + 60_000})
+            server.client().hset(keys.node_hash(topic, "d@x"), "role", json.dumps("decode"))
         client.submit("before the outage", max_tokens=2)  # stays queued: no worker
         server.stop()
     elapsed, exc = _call_with_cap(lambda: client.submit("nobody home", max_tokens=2), DOWN_SUBMIT_CAP_S)
@@ -527,6 +528,7 @@ def test_submit_while_redis_is_down_fails_fast(scheduler, state):
 STORM_REQUESTS = 2000
 
 
+@pytest.mark.timeout(480)  # five workers to start, then up to 240 s of requests, then every stream checked
 def test_steal_storm(redis_server):
     """One busy global node, four thieves, 2000 short requests all sent to the busy node: every
     request completes exactly once from the caller's view."""

@@ -21,11 +21,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +33,13 @@ import pytest
 import fd_celery
 from fd_celery.keys import nodes_zset
 from fd_celery.local_cluster import WorkerProcess, free_port
-from tests.conftest import make_app
+from tests.conftest import RUN_ID, TOPIC, make_app, run_topic, wait_until
 
 pytest.importorskip("flower")
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-TOPIC = "test"
-EVENTS_TOPIC = "flower-events"
+EVENTS_TOPIC = run_topic("flower-events")
 AUTH = ("fd-admin", "flower-test-pw")
 FLOWER_START_TIMEOUT_S = 30.0
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -82,15 +80,7 @@ def _env(redis_port: int) -> dict[str, str]:
     return env
 
 
-def _poll(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"{what} within {timeout_s}s (last: {str(last)[:500]})")
+POLL_INTERVAL_S = 0.3  # Flower's API and the workers' replies are not worth asking more often
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +102,7 @@ def flower(redis_server, cluster) -> Iterator[Flower]:
                 return running.get("/healthcheck", auth=None, timeout=2)[0] == 200
             return False
 
-        _poll(answers, FLOWER_START_TIMEOUT_S, "Flower did not answer")
+        wait_until(answers, FLOWER_START_TIMEOUT_S, "Flower to answer", POLL_INTERVAL_S)
         yield running
     finally:
         if process.poll() is None:
@@ -148,7 +138,8 @@ def test_flower_requires_the_basic_auth_login(flower):
 
 
 def test_flower_api_lists_the_node_with_its_fd_stats(flower, node):
-    workers = _poll(lambda: _workers_with_fd_stats(flower, node), 30, f"{node} with an fd section in /api/workers")
+    workers = wait_until(lambda: _workers_with_fd_stats(flower, node), 30,
+                         f"{node} with an fd section in /api/workers", POLL_INTERVAL_S)
     fd = workers[node]["stats"]["fd"]
     assert fd["node"] == node
     assert fd["role"] == "mixed"
@@ -190,11 +181,11 @@ def events_worker(cluster) -> Iterator[WorkerProcess]:
             assert worker.alive(), f"worker exited at start:\n{worker.log()[-3000:]}"
             return worker.node.encode() in nodes.zrange(nodes_zset(EVENTS_TOPIC), 0, -1)
 
-        _poll(joined, 60, f"{worker.node} did not join the registry")
+        wait_until(joined, 60, f"{worker.node} to join the registry", POLL_INTERVAL_S)
         # The node joins the registry before its consumer (remote control included) is up.
         app = make_app(cluster.redis, scheduler_topic=EVENTS_TOPIC)
-        _poll(lambda: app.control.ping(destination=[worker.node], timeout=0.5), 30,
-              f"{worker.node} did not answer a ping", interval_s=0)
+        wait_until(lambda: app.control.ping(destination=[worker.node], timeout=0.5), 30,
+                   f"{worker.node} to answer a ping", interval_s=0)
         yield worker
     finally:
         worker.stop()
@@ -216,7 +207,7 @@ def test_flower_lists_fd_generate_requests_once_task_events_are_on(flower, event
         seen = {i: tasks.get(i) for i in ids}
         return seen if all(t and t.get("state") == "SUCCESS" for t in seen.values()) else None
 
-    seen = _poll(all_succeeded, 15, "both requests SUCCESS in /api/tasks")
+    seen = wait_until(all_succeeded, 15, "both requests SUCCESS in /api/tasks", POLL_INTERVAL_S)
     for request_id, result in zip(ids, results):
         task = seen[request_id]
         assert task["name"] == "fd.generate"
@@ -257,7 +248,8 @@ def test_flower_worker_page_shows_the_fd_section_in_chromium(flower, node):
     binary = _chromium()
     if binary is None:
         pytest.skip("no chromium binary: apt-get install -y chromium chromium-driver")
-    _poll(lambda: _workers_with_fd_stats(flower, node), 30, f"{node} with an fd section in /api/workers")
+    wait_until(lambda: _workers_with_fd_stats(flower, node), 30, f"{node} with an fd section in /api/workers",
+               POLL_INTERVAL_S)
 
     # Basic auth in the URL: Chromium sends it for this top-level navigation and its same-origin
     # loads. `#tab-other` opens the tab where Flower lists non-standard stats such as `fd`.
@@ -265,9 +257,8 @@ def test_flower_worker_page_shows_the_fd_section_in_chromium(flower, node):
     url = f"http://{AUTH[0]}:{AUTH[1]}@127.0.0.1:{flower.port}/worker/{quoted}#tab-other"
 
     ARTIFACTS.mkdir(exist_ok=True)
-    png = ARTIFACTS / "flower-worker.png"
-    with contextlib.suppress(FileNotFoundError):
-        png.unlink()
+    # This run's own file, moved to the kept name once checked: another run may be taking its own.
+    png = ARTIFACTS / f"flower-worker-{RUN_ID}.png"
     # One after the other: side by side, two browsers are slower on a small CI machine.
     dom = _run_chromium(binary, ["--dump-dom", url])
     shot = _run_chromium(binary, [f"--screenshot={png}", "--window-size=1280,1600", url])
@@ -287,3 +278,4 @@ def test_flower_worker_page_shows_the_fd_section_in_chromium(flower, node):
     assert shot.returncode == 0, shot.stderr[-2000:]
     assert png.is_file() and png.stat().st_size > 10_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    os.replace(png, ARTIFACTS / "flower-worker.png")

@@ -21,12 +21,13 @@ import fd_celery
 from fd_celery import keys
 from fd_celery.local_cluster import LocalCluster, RedisServer
 from fd_celery.scheduler import loadtable
-from tests.conftest import reference_tokens
+from tests.conftest import reference_tokens, run_topic, wait_until
 
 pytestmark = pytest.mark.slow
 
 SHARDS = 2
 VISIBILITY_S = 10
+G1, G2 = run_topic("g1"), run_topic("g2")  # topics of the clusters g1 and g2
 
 
 def _names_over_shards(count: int) -> list[str]:
@@ -59,7 +60,7 @@ def _cluster(redis_server: RedisServer, topic: str, names: list[str], **env: str
 
 @pytest.fixture(scope="module")
 def g1(redis_server: RedisServer) -> Iterator[LocalCluster]:
-    cluster = _cluster(redis_server, "g1", _names_over_shards(4), FD_SCHEDULER_MIN_LOAD_SCORE="1",
+    cluster = _cluster(redis_server, G1, _names_over_shards(4), FD_SCHEDULER_MIN_LOAD_SCORE="1",
                        FD_SCHEDULER_LOAD_SHARDS_NUM=str(SHARDS))
     yield cluster
     cluster.close()
@@ -67,7 +68,7 @@ def g1(redis_server: RedisServer) -> Iterator[LocalCluster]:
 
 @pytest.fixture(scope="module")
 def g2(redis_server: RedisServer, g1: LocalCluster) -> Iterator[LocalCluster]:
-    cluster = _cluster(redis_server, "g2", ["x", "y"], FD_SCHEDULER_MIN_LOAD_SCORE="100")
+    cluster = _cluster(redis_server, G2, ["x", "y"], FD_SCHEDULER_MIN_LOAD_SCORE="100")
     yield cluster
     cluster.close()
 
@@ -94,9 +95,9 @@ def _assert_exactly_once(redis_server: RedisServer, topic: str, handle, result) 
 
 
 def test_busy_node_is_stolen_from_and_every_request_completes_once(redis_server, g1, engine):
-    client = _client(redis_server, "g1", scheduler_min_load_score=1)
+    client = _client(redis_server, G1, scheduler_min_load_score=1)
     target = g1.workers[0].node
-    before = _steal_counts(redis_server, "g1")
+    before = _steal_counts(redis_server, G1)
     handles = [client.submit("steal me", max_tokens=80, seed=i, temperature=0.7, node=target)
                for i in range(16)]
     results = [h.result(timeout=180) for h in handles]
@@ -108,19 +109,19 @@ def test_busy_node_is_stolen_from_and_every_request_completes_once(redis_server,
         if result.stolen:
             assert result.extra["stolen_from"] == target
         assert list(result.token_ids) == reference_tokens(engine, "steal me", 80, 0.7, seed)
-        _assert_exactly_once(redis_server, "g1", handle, result)
-    after = _steal_counts(redis_server, "g1")
+        _assert_exactly_once(redis_server, G1, handle, result)
+    after = _steal_counts(redis_server, G1)
     stolen = sum(r.stolen for r in results)
     assert sum(after[f"{w.node}:made"] - before[f"{w.node}:made"] for w in g1.workers) == stolen
     assert after[f"{target}:suffered"] - before[f"{target}:suffered"] == stolen
 
 
 def test_load_table_spans_shards_and_placement_spreads_requests(redis_server, g1):
-    config = _client(redis_server, "g1", scheduler_load_shards_num=SHARDS).config
+    config = _client(redis_server, G1, scheduler_load_shards_num=SHARDS).config
     r = redis_server.client()
     in_shards = [r.zcard(k) for k in loadtable.shard_keys(config, "mixed")]
     assert all(n >= 1 for n in in_shards), f"a shard is empty: {in_shards}"
-    client = _client(redis_server, "g1", scheduler_load_shards_num=SHARDS, scheduler_min_load_score=100)
+    client = _client(redis_server, G1, scheduler_load_shards_num=SHARDS, scheduler_min_load_score=100)
     results = [h.result(timeout=120) for h in
                [client.submit("spread", max_tokens=40, seed=i) for i in range(12)]]
     placed = collections.Counter(r.served_by[0] for r in results)
@@ -128,18 +129,18 @@ def test_load_table_spans_shards_and_placement_spreads_requests(redis_server, g1
 
 
 def test_no_steals_below_min_load_score_and_none_across_topics(redis_server, g1, g2):
-    client = _client(redis_server, "g2", scheduler_min_load_score=100)
+    client = _client(redis_server, G2, scheduler_min_load_score=100)
     target = g2.workers[0].node
-    before = _steal_counts(redis_server, "g2")
+    before = _steal_counts(redis_server, G2)
     results = [h.result(timeout=180) for h in
                [client.submit("mine", max_tokens=40, seed=i, node=target) for i in range(8)]]
     assert {r.served_by[0] for r in results} == {target}, "a node stole below min_load_score or across topics"
     assert not any(r.stolen for r in results)
-    assert _steal_counts(redis_server, "g2") == before
+    assert _steal_counts(redis_server, G2) == before
 
 
 def test_stolen_request_survives_the_death_of_its_thief(redis_server, g1, engine):
-    client = _client(redis_server, "g1", scheduler_min_load_score=1)
+    client = _client(redis_server, G1, scheduler_min_load_score=1)
     victim = g1.workers[0]
     handles = [client.submit("survive", max_tokens=600, seed=100 + i, node=victim.node) for i in range(4)]
     thief, doomed = _first_running_thief(redis_server, handles, victim.node, g1)
@@ -148,7 +149,7 @@ def test_stolen_request_survives_the_death_of_its_thief(redis_server, g1, engine
     for i, handle in enumerate(handles):
         result = handle.result(timeout=120)
         assert list(result.token_ids) == reference_tokens(engine, "survive", 600, 0.0, 100 + i)
-        _assert_exactly_once(redis_server, "g1", handle, result)
+        _assert_exactly_once(redis_server, G1, handle, result)
     rerun = next(h for h in handles if h.request_id == doomed).result(timeout=1)
     assert rerun.served_by[0] != thief.node
 
@@ -167,15 +168,15 @@ def _first_running_thief(redis_server, handles, victim: str, cluster: LocalClust
 
 
 def test_dead_nodes_waiting_queue_is_drained_by_the_others(redis_server, g2, engine):
-    client = _client(redis_server, "g2", scheduler_min_load_score=100)
+    client = _client(redis_server, G2, scheduler_min_load_score=100)
     doomed, survivor = g2.workers
     handles = [client.submit("orphan", max_tokens=300, seed=i, node=doomed.node) for i in range(6)]
-    while handles[0].async_result.state != "STARTED":
-        time.sleep(0.01)
+    wait_until(lambda: handles[0].async_result.state == "STARTED", 60, "the doomed node's first request to start",
+               interval_s=0.01)
     doomed.signal(signal.SIGKILL)
 
     results = [h.result(timeout=120) for h in handles]
     assert all(r.served_by[0] == survivor.node for r in results[1:])
     for i, (handle, result) in enumerate(zip(handles, results)):
         assert list(result.token_ids) == reference_tokens(engine, "orphan", 300, 0.0, i)
-        _assert_exactly_once(redis_server, "g2", handle, result)
+        _assert_exactly_once(redis_server, G2, handle, result)

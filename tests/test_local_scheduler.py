@@ -12,7 +12,7 @@ import fd_celery
 from fd_celery import keys
 from fd_celery.errors import QueueFull, RequestExpired
 from fd_celery.streams import EXPIRED_RETENTION_S
-from tests.conftest import make_app
+from tests.conftest import TOPIC, make_app, wait_until
 
 SUBMITTERS = 4
 PER_SUBMITTER = 15
@@ -26,6 +26,7 @@ def _submit_many(port: int, topic: str, count: int, barrier_at: float) -> tuple[
     app = Celery("submitter", set_as_current=False)
     fd_celery.install(app, scheduler_port=port, scheduler_topic=topic, scheduler_max_size=MAX_SIZE)
     client = fd_celery.Client(app)
+    # The scenario, not a wait for something: every submitter starts at the same instant.
     time.sleep(max(0.0, barrier_at - time.time()))
     admitted = refused = 0
     for _ in range(count):
@@ -66,9 +67,7 @@ def test_request_that_waited_past_its_ttl_never_starts(redis_server, client, nod
     # ~2,000 tokens keep fd-tiny busy for well over the victim's TTL on a fast machine too
     # (600 tokens took 0.4 s here, less than the TTL, and the victim was served).
     blocker = client.submit("keep the only slot busy", max_tokens=2000, seed=1)
-    deadline = time.monotonic() + 60
-    while blocker.async_result.state != "STARTED" and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: blocker.async_result.state == "STARTED", 60, "the blocker to start", interval_s=0.02)
     short_ttl = fd_celery.Client(make_app(redis_server, scheduler_ttl="300ms"))
     victim = short_ttl.submit("too late", max_tokens=5)
 
@@ -81,7 +80,7 @@ def test_request_that_waited_past_its_ttl_never_starts(redis_server, client, nod
     with pytest.raises(RequestExpired):
         victim.result(timeout=10)
 
-    stream_key = keys.output_stream("test", victim.request_id)
+    stream_key = keys.output_stream(TOPIC, victim.request_id)
     r = redis_server.client()
     assert r.xlen(stream_key) == 1, "the expired request produced output: it was started"
     assert 0 < r.ttl(stream_key) <= EXPIRED_RETENTION_S, "the expired request's stream is kept"
