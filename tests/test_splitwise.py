@@ -30,11 +30,11 @@ from fd_celery.errors import KVRefError, NoNodeAvailable
 from fd_celery.kv import blob as kvblob
 from fd_celery.local_cluster import LocalCluster, RedisServer
 from fd_celery.settings import node_knobs
-from tests.conftest import CUDA_IPC, reference_tokens
+from tests.conftest import CUDA_IPC, reference_tokens, run_topic, wait_until
 
 pytestmark = pytest.mark.slow
 
-TOPIC = "sw"
+TOPIC = run_topic("sw")
 VISIBILITY_S = 8
 
 
@@ -128,8 +128,8 @@ def test_prefill_placement_weighs_prompt_tokens_and_releases_them(redis_server):
     assert scores[other] == pytest.approx(6 * 16 / loadtable.PREFILL_TOKEN_UNIT)
     loadtable.release(r, config, other, loadtable.ledger_entry("short0", 16))  # a prefill ended
     assert publish_all()[other] == pytest.approx(5 * 16 / loadtable.PREFILL_TOKEN_UNIT)
-    time.sleep(1.2)  # scheduler_release_load_expire_period: the other ends never came
-    assert publish_all() == {nodes[0]: 0.0, nodes[1]: 0.0}
+    # scheduler_release_load_expire_period (1 s): the other ends never came
+    wait_until(lambda: publish_all() == {nodes[0]: 0.0, nodes[1]: 0.0}, 10, "the charges with no end to expire")
     assert r.zcard(keys.prefill_ledger(topic, big)) == 0
 
 
@@ -216,16 +216,20 @@ def test_no_decode_node_is_an_error_at_submit(redis_server):
             fd_celery.Client(app).submit("nobody decodes", max_tokens=4)
 
 
-def test_a_silent_decode_node_is_no_longer_chosen(sw, sw_client):
+def test_a_silent_decode_node_is_no_longer_chosen(sw, sw_client, redis_server):
+    from fd_celery.scheduler import registry
+
     d1, d2 = _worker(sw, "d1"), _worker(sw, "d2")
+    nodes = redis_server.client()
     d2.signal(signal.SIGSTOP)
     try:
-        time.sleep(3.5)  # scheduler_expire_period: 3000 ms
+        # silent for scheduler_expire_period (3000 ms)
+        wait_until(lambda: not registry.is_live(nodes, sw_client.config, d2.node), 30, "the stopped d2 to expire")
         results = [h.result(timeout=60) for h in [sw_client.submit("quiet", max_tokens=3, seed=i) for i in range(8)]]
         assert {r.served_by[1] for r in results} == {d1.node}
     finally:
         d2.signal(signal.SIGCONT)
-    time.sleep(0.5)
+    wait_until(lambda: registry.is_live(nodes, sw_client.config, d2.node), 30, "d2 to beat again after SIGCONT")
 
 
 def test_no_blob_is_left_after_200_requests(sw, sw_client, redis_server):
@@ -302,7 +306,7 @@ def _blob_cache(engine: Any, prompt: str = "pool slots in one process") -> Any:
 
 
 def _put_shm(cache: Any, request_id: str) -> kvstore.KVRef:
-    return kvstore.put(cache, kind="shm", topic="pool-unit", request_id=request_id, owner="p@h", host="h",
+    return kvstore.put(cache, kind="shm", topic=run_topic("pool-unit"), request_id=request_id, owner="p@h", host="h",
                        ttl_s=60, first_token=0, prompt_tokens=cache.num_tokens)
 
 
