@@ -25,6 +25,7 @@ import fd_celery
 from fd_celery import ConfigError, SchedulerConfig
 from fd_celery.keys import nodes_zset
 from fd_celery.local_cluster import LocalCluster
+from tests.conftest import run_topic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -645,10 +646,11 @@ def test_cli_option_beats_install_kwargs_and_conf(redis_server, tmp_path):
 def test_worker_started_with_cli_topic(redis_server):
     cluster = LocalCluster(redis_server)
     try:
-        worker = cluster.add_worker("cliw", extra_args=["--scheduler-topic", "cli-topic"])
-        cluster.wait_live([worker.node], topic="cli-topic")
-        listed = status_json(redis_server.port, "--scheduler-topic", "cli-topic")
-        assert listed["topic"] == "cli-topic"
+        topic = run_topic("cli-topic")
+        worker = cluster.add_worker("cliw", extra_args=["--scheduler-topic", topic])
+        cluster.wait_live([worker.node], topic=topic)
+        listed = status_json(redis_server.port, "--scheduler-topic", topic)
+        assert listed["topic"] == topic
         assert [row["node"] for row in listed["nodes"]] == [worker.node]
         assert listed["nodes"][0]["role"] == "mixed"
         # the override took effect in the worker, not only in the status command

@@ -42,9 +42,9 @@ from fd_celery.errors import FDCeleryError, InvalidRequest, KVRefError, NoNodeAv
 from fd_celery.local_cluster import LocalCluster, RedisServer, WorkerProcess
 from fd_celery.protocol import MAX_TOKENS_LIMIT
 from fd_celery.worker import deadletter
-from tests.conftest import CUDA_IPC
+from tests.conftest import CUDA_IPC, run_topic
 
-HOSTILE_TOPIC = "hostile"
+HOSTILE_TOPIC = run_topic("hostile")
 FIELDS = ("prompt", "token_ids", "max_tokens", "temperature", "seed", "node")
 SETTINGS = settings(
     max_examples=50,

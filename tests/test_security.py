@@ -45,11 +45,12 @@ from fd_celery.errors import (
 from fd_celery.local_cluster import LocalCluster, RedisServer, find_redis_server, free_port
 from fd_celery.protocol import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT
 from fd_celery.settings import get_config
-from tests.conftest import TOPIC
+from tests.conftest import TOPIC, run_topic
 from tests.test_hostile import _valid_ref_dict, envelope
 
 PASSWORD = "Pw-" + uuid.uuid4().hex[:16]
 WRONG_PASSWORD = "Wrong-" + uuid.uuid4().hex[:16]
+PW_TOPIC, WRONG_PW_TOPIC = run_topic("pw"), run_topic("pw-wrong")
 
 
 def _assert_still_serving(client: fd_celery.Client) -> None:
@@ -121,16 +122,16 @@ def secured_redis() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def secured_cluster(secured_redis: RedisServer) -> Iterator[LocalCluster]:
-    with LocalCluster(secured_redis, env={"FD_SCHEDULER_TOPIC": "pw"}) as cluster:
+    with LocalCluster(secured_redis, env={"FD_SCHEDULER_TOPIC": PW_TOPIC}) as cluster:
         assert cluster.env["FD_SCHEDULER_PASSWORD"] == PASSWORD
         worker = cluster.add_worker("pw1")
-        cluster.wait_live([worker.node], topic="pw")
+        cluster.wait_live([worker.node], topic=PW_TOPIC)
         yield cluster
 
 
 def _pw_app(port: int, password: str, **overrides: Any) -> Celery:
     app = Celery(f"client-pw-{uuid.uuid4().hex[:4]}", set_as_current=False)
-    fd_celery.install(app, scheduler_port=port, scheduler_password=password, scheduler_topic="pw", **overrides)
+    fd_celery.install(app, scheduler_port=port, scheduler_password=password, scheduler_topic=PW_TOPIC, **overrides)
     return app
 
 
@@ -175,14 +176,14 @@ def test_wrong_password_is_a_clear_error_that_hides_the_password(secured_redis, 
 
 
 def test_worker_with_a_wrong_password_never_joins_and_never_logs_it(secured_redis):
-    with LocalCluster(secured_redis, env={"FD_SCHEDULER_TOPIC": "pw-wrong",
+    with LocalCluster(secured_redis, env={"FD_SCHEDULER_TOPIC": WRONG_PW_TOPIC,
                                           "FD_SCHEDULER_PASSWORD": WRONG_PASSWORD}) as cluster:
         worker = cluster.add_worker("intruder")
         deadline = time.monotonic() + 20
         while worker.alive() and "Unrecoverable error" not in worker.log() and time.monotonic() < deadline:
             time.sleep(0.1)
         log = worker.log()
-        assert not secured_redis.client().zrange(keys.nodes_zset("pw-wrong"), 0, -1)
+        assert not secured_redis.client().zrange(keys.nodes_zset(WRONG_PW_TOPIC), 0, -1)
         assert WRONG_PASSWORD not in log and PASSWORD not in log
         assert f"127.0.0.1:{secured_redis.port}" in log
 
@@ -366,7 +367,7 @@ def test_kv_reference_over_the_size_limit():
         kvstore.KVRef.from_dict(data)
 
 
-SW_TOPIC = "sec-sw"
+SW_TOPIC = run_topic("sec-sw")
 #: Stores whose blobs a CPU engine can write (cuda blobs need a GPU: tests/test_kv_cuda.py).
 BLOB_STORES = ("shm", "redis")
 
@@ -428,7 +429,7 @@ def test_decode_refuses_another_requests_blob_and_leaves_it(sw_app, decode_node,
 def test_decode_refuses_a_blob_of_another_topic_and_leaves_it(sw_app, decode_node, engine, kind):
     """Regression: a decode node used to load (and delete) a blob of another topic."""
     request_id = f"xtopic-{uuid.uuid4().hex[:8]}"
-    other = _real_blob(sw_app, engine, topic="sec-other-topic", request_id=request_id, kind=kind)
+    other = _real_blob(sw_app, engine, topic=run_topic("sec-other-topic"), request_id=request_id, kind=kind)
     try:
         with pytest.raises(KVRefError):
             _decode_with(sw_app, decode_node, request_id, other.to_dict())

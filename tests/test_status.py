@@ -27,10 +27,10 @@ from fd_celery import kv as kvstore
 from fd_celery.engine import SamplingParams
 from fd_celery.local_cluster import LocalCluster, RedisServer
 from fd_celery.scheduler import loadtable, registry
-from tests.conftest import TOPIC
+from tests.conftest import TOPIC, run_topic
 
 REPO = Path(__file__).resolve().parents[1]
-TOPIC_G = "status"
+TOPIC_G = run_topic("status")
 EXPIRE_S = 3.0  # the default scheduler_expire_period
 FIELDS = {
     "node": str, "role": str, "load_score": float, "queue": int, "slots": int, "running": int,
