@@ -104,7 +104,7 @@ def check_ipc(ipc: Any) -> None:
         value = ipc[name]
         if type(value) is not kind:  # noqa: E721 - bool is not an int here
             raise KVRefError(f"KV reference ipc.{name} must be {kind.__name__}, got {type(value).__name__}")
-        if kind is int and not 0 <= int(value) < 1 << 48:
+        if kind is int and isinstance(value, int) and not 0 <= value < 1 << 48:
             raise KVRefError(f"KV reference ipc.{name}={value} is out of range")
     for name in ("handle", "event"):
         if len(_b64(ipc, name)) > _MAX_HANDLE_BYTES:

@@ -46,7 +46,7 @@ def bytes_held(client: redis.Redis, topic: str) -> dict[str, int]:
     held: dict[str, int] = {}
     now = time.time()
     for location, value in client.hgetall(keys.kv_held(topic)).items():
-        owner, nbytes, expires, *kind = value.decode().split("|")
+        owner, nbytes, expires, *kind = (value.decode() if isinstance(value, bytes) else value).split("|")
         if float(expires) > now:
             held[owner] = held.get(owner, 0) + int(nbytes)
         elif not _is_claim(kind) or float(expires) + ORPHAN_CLAIM_S < now:

@@ -4,7 +4,7 @@ with the request, read and deleted in one GETDEL (across hosts)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fd_celery import keys
 from fd_celery.errors import KVRefError
@@ -40,7 +40,7 @@ class RedisStore(KVStore):
         data = client.getdel(ref.location)
         if data is None:
             raise KVRefError(f"KV blob of request {ref.request_id} is missing (consumed or expired)")
-        buffer = bytearray(data)  # writable, so tensors built on it are ordinary tensors
+        buffer = bytearray(cast(bytes, data))  # writable, so tensors built on it are ordinary tensors
         check_header(ref, buffer, expected)
         return decode(ref, buffer, device, len(expected))
 
