@@ -4,15 +4,18 @@ The load score of a node is ``(requests waiting in its own queue + requests it i
 prefill tokens outstanding / PREFILL_TOKEN_UNIT) / its slots``. The token term weighs splitwise
 prefill work by prompt size: each prefill placed on a node is charged in its ledger
 (``keys.prefill_ledger``) until the prefill ends, or until ``scheduler_release_load_expire_period``
-has passed if its end never comes (the node died with it, say). Every ``scheduler_sync_period`` the node publishes it from the truth: the queue length
-is read by the publishing script itself (LLEN), the running count is the worker's own state. In
-between, the router charges the node it picks (+1/slots) and a steal moves 1/slots from victim to
-thief, so a burst spreads out before the next publication; that publication then overwrites the
-score with the truth again. Nothing is ever counted up and down over time, so nothing can drift.
+has passed if its end never comes (the node died with it, say). Every ``scheduler_sync_period``
+the node publishes it from the truth: the queue length is read by the publishing script itself
+(LLEN), the running count is the worker's own state. In between, the router charges the node it
+picks (+1/slots) and a steal moves 1/slots from victim to thief, so a burst spreads out before the
+next publication; that publication then overwrites the score with the truth again. Nothing is
+ever counted up and down over time, so nothing can drift.
 
-The table is ``scheduler_load_shards_num`` sorted sets per role (``keys.load_shard``); a node lives in
-shard ``crc32(node) % N``. Readers scan every shard and ignore nodes whose heartbeat is older than
-``scheduler_expire_period``.
+The table is ``scheduler_load_shards_num`` sorted sets per role (``keys.load_shard``); a node lives
+in shard ``crc32(node) % N``. Readers scan every shard and ignore nodes whose heartbeat is older
+than ``scheduler_expire_period``. Publication and placement are ``fd_celery/scripts/publish.lua``
+and ``place.lua``; :mod:`fd_celery.scheduler.model` says, in plain Python, what a placement must
+decide.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import redis
 
 from fd_celery import keys
 from fd_celery.config import SchedulerConfig
+from fd_celery.scripts import PLACE, PUBLISH
 
 __all__ = ["queue_lists", "shard_keys", "publish", "place", "release", "PRIORITY_SUFFIXES", "PREFILL_TOKEN_UNIT"]
 
@@ -47,76 +51,6 @@ def shard_keys(config: SchedulerConfig, role: str) -> list[str]:
     ]
 
 
-# KEYS[1] = the node's load shard (zset node -> score), KEYS[2] = nodes zset (node -> heartbeat
-# ms), KEYS[3] = the node's hash (field running), KEYS[4] = the node's prefill ledger,
-# KEYS[5..] = the lists of the node's own queue.
-# ARGV[1] = node, ARGV[2] = requests running, ARGV[3] = slots, ARGV[4] = now (ms),
-# ARGV[5] = PREFILL_TOKEN_UNIT
-# Returns the published score (as a string: Lua would truncate a number), the waiting count, and
-# 1 if the node's facts are still there (0 after Redis lost its data: the node registers again).
-_PUBLISH = """
-local waiting = 0
-for i = 5, #KEYS do waiting = waiting + redis.call('LLEN', KEYS[i]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[4])
-local tokens = 0
-for _, entry in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-  tokens = tokens + (tonumber(string.match(entry, '|(%d+)$')) or 0)
-end
-local score = (waiting + tonumber(ARGV[2]) + tokens / tonumber(ARGV[5])) / tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], score, ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-local known = redis.call('HEXISTS', KEYS[3], 'role')
-redis.call('HSET', KEYS[3], 'running', ARGV[2])
-return {tostring(score), waiting, known}
-"""
-
-# KEYS[1] = nodes zset, KEYS[2..] = every load shard of the roles considered
-# ARGV[1] = now (ms), ARGV[2] = expire period (ms), ARGV[3] = a random integer (Lua's own
-# math.random is seeded identically on every call), ARGV[4] = node hash prefix "fd:T:node:",
-# ARGV[5] = blur: nodes within this much of the lowest score are equally good,
-# ARGV[6] = the charge in requests (1 + prefill tokens / PREFILL_TOKEN_UNIT),
-# ARGV[7] = prefill ledger prefix "fd:T:ptok:" ('' for none), ARGV[8] = ledger entry,
-# ARGV[9] = its release deadline (ms)
-# Picks at random among the live nodes with the lowest scores, charges it; returns
-# {node, its shard key}.
-_PLACE = """
-local oldest = tonumber(ARGV[1]) - tonumber(ARGV[2])
-local blur = tonumber(ARGV[5])
-local live, best_score = {}, nil
-for i = 2, #KEYS do
-  local rows = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
-  for j = 1, #rows, 2 do
-    local node, score = rows[j], tonumber(rows[j + 1])
-    local beat = redis.call('ZSCORE', KEYS[1], node)
-    if beat and tonumber(beat) >= oldest then
-      live[#live + 1] = {node, score, KEYS[i]}
-      if best_score == nil or score < best_score then best_score = score end
-    end
-  end
-end
-if best_score == nil then return false end
-local band = {}
-for _, c in ipairs(live) do
-  if c[2] <= best_score + blur + 1e-9 then band[#band + 1] = c end
-end
-local pick = band[(tonumber(ARGV[3]) % #band) + 1]
-local slots = tonumber(redis.call('HGET', ARGV[4] .. pick[1], 'slots') or '1') or 1
-redis.call('ZINCRBY', pick[3], tonumber(ARGV[6]) / math.max(slots, 1), pick[1])
-if ARGV[7] ~= '' then redis.call('ZADD', ARGV[7] .. pick[1], ARGV[9], ARGV[8]) end
-return {pick[1], pick[3]}
-"""
-
-_scripts: dict[tuple[int, str], redis.commands.core.Script] = {}
-
-
-def _script(client: redis.Redis, source: str) -> redis.commands.core.Script:
-    key = (id(client), source)
-    script = _scripts.get(key)
-    if script is None:
-        script = _scripts[key] = client.register_script(source)
-    return script
-
-
 def publish(
     client: redis.Redis, config: SchedulerConfig, role: str, node: str, running: int, slots: int,
     own_queue: str,
@@ -125,7 +59,8 @@ def publish(
     whether the node's facts are still registered)."""
     topic = config.scheduler_topic
     shard = keys.load_shard(topic, role, keys.shard_of(node, config.scheduler_load_shards_num))
-    reply = _script(client, _PUBLISH)(
+    reply = PUBLISH(
+        client,
         keys=[shard, keys.nodes_zset(topic), keys.node_hash(topic, node), keys.prefill_ledger(topic, node),
               *queue_lists(own_queue)],
         args=[node, running, max(1, slots), int(time.time() * 1000), PREFILL_TOKEN_UNIT],
@@ -154,7 +89,8 @@ def place(
         charge = 1.0 + max(0, prefill[1]) / PREFILL_TOKEN_UNIT
         ledger, entry = keys.prefill_ledger(topic, ""), ledger_entry(*prefill)
         release_ms = now_ms + int(config.release_load_expire_period_s * 1000)
-    reply = _script(client, _PLACE)(
+    reply = PLACE(
+        client,
         keys=[keys.nodes_zset(topic), *shards],
         args=[
             now_ms,

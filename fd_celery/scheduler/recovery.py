@@ -40,7 +40,8 @@ import redis
 from fd_celery import keys
 from fd_celery.config import SchedulerConfig
 from fd_celery.observability import metrics
-from fd_celery.scheduler import loadtable
+from fd_celery.scheduler.loadtable import queue_lists
+from fd_celery.scripts import RESTORE
 
 __all__ = ["publish_held", "restore_dead_nodes", "HELD_FIELD", "INTERVAL_S"]
 
@@ -51,18 +52,6 @@ SWEPT_FIELD = "swept"
 INTERVAL_S = 1.0
 UNLISTED_AGE_S = 1.0
 _PRIORITY_STEPS = (0, 3, 6, 9)  # kombu's Redis priority steps, one list each (loadtable.PRIORITY_SUFFIXES)
-
-# KEYS[1] = kombu's unacked hash, KEYS[2] = its index zset, KEYS[3] = the queue's list
-# ARGV[1] = delivery tag, ARGV[2] = the unacked entry as read, ARGV[3] = the message to requeue
-# Moves it only if nobody else did meanwhile (an ack, kombu's own restore, another node).
-_RESTORE = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('RPUSH', KEYS[3], ARGV[3])
-return 1
-"""
-
 
 def publish_held(client: redis.Redis, config: SchedulerConfig, node: str, tags: Sequence[str]) -> None:
     pipe = client.pipeline(transaction=False)
@@ -160,5 +149,5 @@ def _restore(client: redis.Redis, topic: str, unacked: str, index: str, tag: str
         properties["delivery_info"]["redelivered"] = True
     priority = properties.get("priority") or 0
     step = bisect.bisect(_PRIORITY_STEPS, priority if isinstance(priority, int) else 0) - 1
-    queue = loadtable.queue_lists(routing_key)[max(0, step)]
-    return int(client.eval(_RESTORE, 3, unacked, index, queue, tag, entry, json.dumps(message)))
+    queue = queue_lists(routing_key)[max(0, step)]
+    return int(RESTORE(client, keys=[unacked, index, queue], args=[tag, entry, json.dumps(message)]))

@@ -1,12 +1,13 @@
 """Work stealing: an idle node takes the oldest waiting request of a busy (or dead) node.
 
-One Lua script does the whole decision and the move atomically: check that the thief's own queue
-is empty, pick a victim, LMOVE one message from the victim's queue into the thief's, move the load
-(1/slots) from victim to thief, count the steal and mark the request as stolen. The message keeps
-kombu's bookkeeping: kombu records a message as unacked only when a consumer receives it, so the
-thief's BRPOP takes it like any message of its own. If the thief dies before acking, kombu gives
-it back (after the visibility timeout) to the queue in its routing key, the victim's queue, where
-live nodes steal it again if the victim is dead or busy.
+One Lua script (``fd_celery/scripts/steal.lua``) does the whole decision and the move atomically:
+check that the thief's own queue is empty, pick a victim, LMOVE one message from the victim's
+queue into the thief's, move the load (1/slots) from victim to thief, count the steal and mark the
+request as stolen. The message keeps kombu's bookkeeping: kombu records a message as unacked only
+when a consumer receives it, so the thief's BRPOP takes it like any message of its own. If the
+thief dies before acking, kombu gives it back (after the visibility timeout) to the queue in its
+routing key, the victim's queue, where live nodes steal it again if the victim is dead or busy.
+:mod:`fd_celery.scheduler.model` says, in plain Python, what that decision must be.
 
 The decision lives in the script; :class:`Thief` only decides *when* to ask: whenever the node
 has a free slot, at once after it becomes idle, then with exponential backoff while nothing is
@@ -27,6 +28,7 @@ import redis
 from fd_celery import keys
 from fd_celery.config import SchedulerConfig
 from fd_celery.scheduler.loadtable import PRIORITY_SUFFIXES, shard_keys
+from fd_celery.scripts import STEAL
 
 __all__ = ["Steal", "steal_one", "stolen_from", "Thief", "WorkerView"]
 
@@ -38,84 +40,6 @@ MAX_BACKOFF_S = 0.2
 IN_TRANSIT_TIMEOUT_S = 1.0  # a stolen message reaches our consumer well within this
 FORGET_DEAD_MARGIN_S = 60.0  # beyond the visibility timeout plus kombu's restore sweep
 
-# KEYS[1] = nodes zset (node -> heartbeat ms)    KEYS[2] = steals hash (counters)
-# KEYS[3] = the thief's load shard                KEYS[4..] = every load shard of the role
-#           (zset node -> load score)
-# ARGV[1] = thief, ARGV[2] = now ms, ARGV[3] = expire period ms, ARGV[4] = min load score,
-# ARGV[5] = random integer, ARGV[6] = node queue prefix "fd.T.<role>." (a node's queue is the
-# prefix + its name; its lists are that + a priority suffix), ARGV[7] = stolen marker prefix,
-# ARGV[8] = marker TTL s, ARGV[9] = node hash prefix, ARGV[10] = when the thief became idle (ms),
-# ARGV[11..] = priority suffixes, in kombu's consume order.
-# Returns false, or {victim, request id, 1 if the victim is dead else 0, victim's score}.
-_STEAL = """
-local thief, now, oldest = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[2]) - tonumber(ARGV[3])
-local min_score, prefix = tonumber(ARGV[4]), ARGV[6]
-local suffixes = {}
-for i = 13, #ARGV do suffixes[#suffixes + 1] = ARGV[i] end
-local forget_before = now - tonumber(ARGV[11])
-for _, sfx in ipairs(suffixes) do
-  if redis.call('LLEN', prefix .. thief .. sfx) > 0 then return false end
-end
-local cands = {}
-for i = 4, #KEYS do
-  local rows = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
-  for j = 1, #rows, 2 do
-    local node, score = rows[j], tonumber(rows[j + 1])
-    if node ~= thief then
-      local beat = redis.call('ZSCORE', KEYS[1], node)
-      local dead = (not beat) or tonumber(beat) < oldest
-      if dead or score >= min_score then
-        local first, waiting = nil, 0
-        for _, sfx in ipairs(suffixes) do
-          local n = redis.call('LLEN', prefix .. node .. sfx)
-          if n > 0 and not first then first = sfx end
-          waiting = waiting + n
-        end
-        -- A live node keeps what it can start itself: only requests beyond its free slots
-        -- (slots - running) can be stolen, so a request just stolen is not stolen again.
-        local free = 0
-        if not dead then
-          local facts = redis.call('HMGET', ARGV[9] .. node, 'slots', 'running')
-          free = math.max(0, (tonumber(facts[1]) or 1) - (tonumber(facts[2]) or 0))
-        end
-        if first and waiting > free then
-          cands[#cands + 1] = {node, first, score, dead, KEYS[i]}
-        end
-        if dead and not first and (not beat or tonumber(beat) < forget_before) then
-          redis.call('ZREM', KEYS[i], node)
-        end
-      end
-    end
-  end
-end
-if #cands == 0 then return false end
-table.sort(cands, function(a, b)
-  if a[4] ~= b[4] then return a[4] end
-  return a[3] > b[3]
-end)
-local c = cands[(tonumber(ARGV[5]) % math.min(3, #cands)) + 1]
-local msg = redis.call('LMOVE', prefix .. c[1] .. c[2], prefix .. thief .. c[2], 'RIGHT', 'RIGHT')
-if not msg then return false end
-local function slots(node)
-  return math.max(1, tonumber(redis.call('HGET', ARGV[9] .. node, 'slots') or '1') or 1)
-end
-redis.call('ZINCRBY', c[5], -1 / slots(c[1]), c[1])
-redis.call('ZINCRBY', KEYS[3], 1 / slots(thief), thief)
--- The thief's running count as of now: the request in its queue is one it can start at once,
--- so no other thief may take it before the next heartbeat says so.
-redis.call('HSET', ARGV[9] .. thief, 'running', ARGV[12])
-redis.call('HINCRBY', KEYS[2], thief .. ':made', 1)
-redis.call('HINCRBY', KEYS[2], c[1] .. ':suffered', 1)
-local ok, decoded = pcall(cjson.decode, msg)
-local id = ''
-if ok and type(decoded) == 'table' and type(decoded.headers) == 'table'
-   and type(decoded.headers.id) == 'string' then
-  id = decoded.headers.id
-  redis.call('SET', ARGV[7] .. id, c[1] .. '|' .. ARGV[10], 'EX', ARGV[8])
-end
-return {c[1], id, c[4] and 1 or 0, tostring(c[3])}
-"""
-
 
 @dataclass(frozen=True)
 class Steal:
@@ -123,9 +47,6 @@ class Steal:
     request_id: str
     orphan: bool  # the victim was dead: its queue had no owner
     victim_score: float
-
-
-_scripts: dict[int, redis.commands.core.Script] = {}
 
 
 def steal_one(
@@ -138,12 +59,10 @@ def steal_one(
     running: int,
 ) -> Steal | None:
     """Try once: move one waiting request from a victim's queue into ``thief``'s."""
-    script = _scripts.get(id(client))
-    if script is None:
-        script = _scripts[id(client)] = client.register_script(_STEAL)
     topic = config.scheduler_topic
     thief_shard = keys.load_shard(topic, role, keys.shard_of(thief, config.scheduler_load_shards_num))
-    reply = script(
+    reply = STEAL(
+        client,
         keys=[keys.nodes_zset(topic), keys.steals_hash(topic), thief_shard, *shard_keys(config, role)],
         args=[
             thief,
@@ -158,6 +77,7 @@ def steal_one(
             idle_since_ms,
             int(forget_dead_after_s * 1000),
             running,
+            TOP_CANDIDATES,
             *PRIORITY_SUFFIXES,
         ],
     )

@@ -1,17 +1,10 @@
-"""Output streams: tokens travel through Redis directly, never one Celery task per token.
+"""The worker side of output streams: writer threads that batch appends.
 
-Each request has one Redis stream (``keys.output_stream``). Entry ids are ``0-<seq+1>``, which
-makes writing idempotent: the append script skips every chunk whose seq is not above the last
-one written, so a request run twice (at-least-once delivery) never shows its caller a chunk twice.
-Its last entry carries ``end`` and the final result (or the error), written once: a second run
-gets the first run's final result back and returns that, so the result backend agrees too.
-
-Worker side, :class:`OutputWriter` runs ``scheduler_writer_parallel`` threads; a request always
-goes to the same thread (order holds) and a thread writes up to ``scheduler_writer_batch_size``
-queued entries in one round trip. Caller side, :class:`StreamReaders` runs
-``scheduler_reader_parallel`` threads; each follows its share of the streams a client process
-watches with one blocking XREAD, up to ``scheduler_reader_batch_size`` entries per stream per
-call, so a thousand open requests cost a few connections, not a thousand.
+:class:`OutputWriter` runs ``scheduler_writer_parallel`` threads; a request always goes to the
+same thread (order holds) and a thread writes up to ``scheduler_writer_batch_size`` queued entries
+in one round trip: one pipeline of append-script calls (``fd_celery/scripts/append.lua``) and
+deferred bookkeeping. When nothing of a request is still queued, its end is written by the
+caller's thread itself.
 """
 
 from __future__ import annotations
@@ -22,7 +15,6 @@ import os
 import queue
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,84 +22,26 @@ from typing import Any
 
 import redis
 
-from fd_celery import keys
 from fd_celery.errors import BrokerUnavailable
+from fd_celery.scripts import APPEND
+from fd_celery.streams.entries import Record
 
-__all__ = ["OutputWriter", "StreamReaders", "StreamEntry", "last_entry", "END_RETENTION_S"]
+__all__ = ["OutputWriter", "writer_for"]
 
 logger = logging.getLogger(__name__)
 
-END_RETENTION_S = 600  # a finished stream stays readable this long after its end
-EXPIRED_RETENTION_S = 60  # the error entry of an expired request: long enough for a reader to see
 WRITE_RETRY_PAUSES_S = (0.1, 0.3, 1.0, 2.0)  # a Redis blip or restart is ridden out, not lost
-WAKE_KEY_TTL_S = 3600  # a client's private wake-up streams vanish this long after its last use
-
-# KEYS[1] = stream (entries 0-<seq+1>, field d = JSON; the final entry also has end = 1)
-# KEYS[2] (optional) = a result-backend key: with the final entry, SET to ARGV[4] (EX ARGV[3]) and
-#   PUBLISHed, in the same step, when this call ends the stream (not when an earlier run did)
-# ARGV[1] = expiry in ms; ARGV[2] = "1" if the last pair is final; ARGV[3], ARGV[4] = the record's
-#   expiry in s and value (unused without KEYS[2]); then pairs of (seq, JSON)
-# Returns the final entry's JSON when the stream has ended (ours or an earlier run's), else nil.
-_APPEND = """
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local last_seq = -1
-if #last > 0 then
-  local fields = last[1][2]
-  if fields[3] == 'end' then return fields[2] end
-  last_seq = tonumber(string.match(last[1][1], '%-(%d+)$')) - 1
-end
-local final = ARGV[2] == '1'
-for i = 5, #ARGV - 1, 2 do
-  local seq = tonumber(ARGV[i])
-  if seq > last_seq then
-    if final and i == #ARGV - 1 then
-      redis.call('XADD', KEYS[1], '0-' .. (seq + 1), 'd', ARGV[i + 1], 'end', '1')
-    else
-      redis.call('XADD', KEYS[1], '0-' .. (seq + 1), 'd', ARGV[i + 1])
-    end
-    last_seq = seq
-  end
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-if final then
-  if #KEYS > 1 then
-    redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[3])
-    redis.call('PUBLISH', KEYS[2], ARGV[4])
-  end
-  return ARGV[#ARGV]
-end
-return false
-"""
-
-#: A result-backend record to store with a stream's end: (key, encoded value, expiry in s).
-Record = tuple[str, bytes, int]
 
 
 def _append_call(key: str, ttl_ms: int, items: list[tuple[int, str]], final: bool,
                  record: Record | None) -> tuple[list[str], list[Any]]:
-    """The KEYS and ARGV of one :data:`_APPEND` call."""
+    """The KEYS and ARGV of one append.lua call."""
     keys_ = [key, record[0]] if record is not None else [key]
     args: list[Any] = [ttl_ms, "1" if final else "0", record[2] if record else 0, record[1] if record else ""]
     for seq, payload in items:
         args.extend((seq, payload))
     return keys_, args
 
-
-@dataclass
-class StreamEntry:
-    seq: int
-    data: dict[str, Any]
-    end: bool
-
-
-def _decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
-    seq = int(entry_id.split(b"-")[1]) - 1
-    return StreamEntry(seq=seq, data=json.loads(fields[b"d"]), end=fields.get(b"end") == b"1")
-
-
-def last_entry(client: redis.Redis, key: str) -> StreamEntry | None:
-    rows = client.xrevrange(key, count=1)
-    return _decode_entry(*rows[0]) if rows else None
 
 
 @dataclass
@@ -141,7 +75,6 @@ class OutputWriter:
     def __init__(self, client: redis.Redis, parallel: int, batch_size: int) -> None:
         self.client = client
         self._batch_size = batch_size
-        self._script = client.register_script(_APPEND)
         self._queues: list[queue.SimpleQueue[_Pending | _Deferred]] = [queue.SimpleQueue() for _ in range(parallel)]
         self._pid = os.getpid()
         self._failed: dict[str, BaseException] = {}  # stream key -> error of a lost chunk write
@@ -183,7 +116,7 @@ class OutputWriter:
         if inline:
             keys_, args = _append_call(key, int(ttl_s * 1000), payloads, True, record)
             try:
-                reply = self._script(keys=keys_, args=args)
+                reply = APPEND(self.client, keys=keys_, args=args)
             except redis.RedisError as exc:
                 raise BrokerUnavailable(f"output stream {key} could not be written: {exc}") from None
             return dict(json.loads(reply))
@@ -228,7 +161,7 @@ class OutputWriter:
             if isinstance(call, list):
                 keys_, args = _append_call(call[0].key, call[-1].ttl_ms, [i for m in call for i in m.items],
                                            call[-1].final, call[-1].record)
-                pipe.evalsha(self._script.sha, len(keys_), *keys_, *args)
+                APPEND.queue(pipe, keys_, args)
             else:
                 try:
                     call.work(pipe)
@@ -259,9 +192,9 @@ class OutputWriter:
             try:
                 sent = [c for c in calls if isinstance(c, list) or attempt == 0 or c.retry]
                 replies = self._send(sent)
-                missing = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+                missing = [i for i, r in enumerate(replies) if APPEND.missing(r)]
                 if missing:  # Redis restarted (or its scripts were flushed): load it, send those again
-                    self._script.sha = self.client.script_load(_APPEND)
+                    APPEND.load(self.client)
                     for i, reply in zip(missing, self._send([sent[i] for i in missing])):
                         replies[i] = reply
                 calls = sent
@@ -306,81 +239,3 @@ def writer_for(client: redis.Redis, parallel: int, batch_size: int) -> OutputWri
         if _writer is None or _writer._pid != os.getpid():
             _writer = OutputWriter(client, parallel, batch_size)
         return _writer
-
-
-class _ReaderSlot:
-    """One reader thread and the streams it follows (stream key -> [last seq, queue])."""
-
-    def __init__(self, readers: StreamReaders, index: int) -> None:
-        self.readers = readers
-        self.wake_key = f"{readers.wake_prefix}:{index}"
-        self.wake_id = "0-0"
-        self.subs: dict[str, tuple[int, queue.SimpleQueue[Any]]] = {}
-        self.lock = threading.Lock()
-        self.has_subs = threading.Event()
-        threading.Thread(target=self._run, name=f"fd-reader-{index}", daemon=True).start()
-
-    def _run(self) -> None:
-        client, count = self.readers.client, self.readers.batch_size
-        while True:
-            self.has_subs.wait()
-            with self.lock:
-                streams = {key: f"0-{after + 1}" for key, (after, _) in self.subs.items()}
-                if not streams:
-                    self.has_subs.clear()
-                    continue
-            streams[self.wake_key] = self.wake_id
-            try:
-                reply = client.xread(streams, count=count, block=self.readers.block_ms)
-            except redis.RedisError as exc:
-                self._fail(exc)
-                time.sleep(0.2)
-                continue
-            for key_raw, rows in reply or []:
-                key = key_raw.decode()
-                if key == self.wake_key:
-                    self.wake_id = rows[-1][0].decode()
-                    continue
-                entries = [_decode_entry(eid, fields) for eid, fields in rows]
-                with self.lock:
-                    sub = self.subs.get(key)
-                    if sub is not None:
-                        self.subs[key] = (entries[-1].seq, sub[1])
-                        sub[1].put(entries)
-
-    def _fail(self, exc: BaseException) -> None:
-        with self.lock:
-            for _, q in self.subs.values():
-                q.put(exc)
-
-
-class StreamReaders:
-    """``scheduler_reader_parallel`` threads that follow output streams for one client."""
-
-    def __init__(self, client: redis.Redis, parallel: int, batch_size: int, topic: str, block_ms: int) -> None:
-        self.client, self.batch_size, self.block_ms = client, batch_size, block_ms
-        self.wake_prefix = keys.wake_prefix(topic, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
-        self._slots = [_ReaderSlot(self, i) for i in range(parallel)]
-
-    def _slot(self, key: str) -> _ReaderSlot:
-        return self._slots[zlib.crc32(key.encode()) % len(self._slots)]
-
-    def subscribe(self, key: str, after_seq: int) -> queue.SimpleQueue[Any]:
-        """Entries of ``key`` after ``after_seq`` arrive on the returned queue, in order, as lists
-        (or a redis error, if reading failed)."""
-        slot = self._slot(key)
-        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        with slot.lock:
-            slot.subs[key] = (after_seq, q)
-        slot.has_subs.set()
-        # Wake the reader out of its blocking read, so the new stream is read at once.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(slot.wake_key, {"w": "1"}, maxlen=16, approximate=True)
-        pipe.expire(slot.wake_key, WAKE_KEY_TTL_S)
-        pipe.execute()
-        return q
-
-    def unsubscribe(self, key: str) -> None:
-        slot = self._slot(key)
-        with slot.lock:
-            slot.subs.pop(key, None)
