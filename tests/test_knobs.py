@@ -187,6 +187,7 @@ def test_the_store_table_has_one_row_per_store_and_each_loads_only_when_used():
         from tests.conftest import CUDA_IPC
         store_modules = sorted(row.partition(":")[0] for row in STORE_TABLE.values())
         print("rows", list(STORE_TABLE) == list(STORES) == list(kv.STORES), len(store_modules) == len(set(store_modules)))
+        kv.close_pool()  # (at exit: a process that never used the shm store has no pool to close)
         print("loaded at import", [m for m in store_modules if m in sys.modules], "torch" in sys.modules)
         token = uuid.uuid4().hex
         kv.KVRef.from_dict({"kind": "cuda", "location": blob_name("knobs", "r-4", token), "topic": "knobs",

@@ -16,7 +16,7 @@ from fd_celery.kv.base import KVStore
 from fd_celery.kv.blob import CHECKSUM_PLACEHOLDER
 from fd_celery.kv.index import note_held, note_taken
 from fd_celery.kv.ref import ITEMSIZE, KVRef, blob_name
-from fd_celery.kv.table import STORES, load_store
+from fd_celery.kv.table import STORES, load_store, loaded_store
 
 if TYPE_CHECKING:
     import redis
@@ -110,5 +110,8 @@ def sweep_shm(max_age_s: float, topic: str | None = None) -> int:
 
 
 def close_pool() -> None:
-    """Remove this process's idle recycled shm files (at exit)."""
-    store_for("shm").close()
+    """Remove this process's idle recycled shm files (at exit, in a signal handler too: a process
+    that never loaded the shm store has none, and nothing is imported for it)."""
+    store = loaded_store("shm")
+    if store is not None:
+        store.close()

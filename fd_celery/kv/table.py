@@ -9,11 +9,12 @@ Adding a store: one module that defines its ``STORE``, and one row here.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from fd_celery.errors import KVRefError
 
-__all__ = ["STORE_TABLE", "STORES", "load_store"]
+__all__ = ["STORE_TABLE", "STORES", "load_store", "loaded_store"]
 
 STORE_TABLE: dict[str, str] = {
     "shm": "fd_celery.kv.shm:STORE",  # a file in /dev/shm: same host
@@ -31,3 +32,10 @@ def load_store(kind: str) -> Any:
         raise KVRefError(f"unknown KV store {kind!r}; known: {', '.join(STORES)}")
     module, _, attribute = STORE_TABLE[kind].partition(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def loaded_store(kind: str) -> Any | None:
+    """The store of ``kind`` if this process has loaded it already, else None (nothing imported:
+    what a process never used it has nothing of to let go at exit)."""
+    module, _, attribute = STORE_TABLE[kind].partition(":")
+    return getattr(sys.modules.get(module), attribute, None)
