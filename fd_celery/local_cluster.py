@@ -26,6 +26,8 @@ __all__ = ["RedisServer", "WorkerProcess", "LocalCluster", "find_redis_server", 
 
 REDIS_START_TIMEOUT_S = 10.0
 WORKER_START_TIMEOUT_S = 60.0
+# A free port can be taken by another process (another test run) before redis-server binds it.
+REDIS_PORT_TRIES = 3
 
 
 def free_port() -> int:
@@ -51,6 +53,10 @@ def find_redis_server() -> str:
     )
 
 
+class _PortTaken(RuntimeError):
+    """redis-server found its port in use."""
+
+
 @dataclass
 class RedisServer:
     """A private ``redis-server`` on 127.0.0.1 and a free port, in its own temp directory."""
@@ -62,12 +68,25 @@ class RedisServer:
     workdir: str = ""
 
     def start(self) -> RedisServer:
-        self.port = self.port or free_port()
+        """Start redis-server; on a free port of its choosing unless ``port`` was given."""
         self.workdir = self.workdir or tempfile.mkdtemp(prefix="fd-redis-")
+        if self.port:
+            return self._start_on_port()
+        for attempt in range(1, REDIS_PORT_TRIES + 1):
+            self.port = free_port()
+            try:
+                return self._start_on_port()
+            except _PortTaken:
+                if attempt == REDIS_PORT_TRIES:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_on_port(self) -> RedisServer:
+        log_path = os.path.join(self.workdir, "redis.log")
         args = [
             find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-            "--dir", self.workdir, "--daemonize", "no", "--loglevel", "warning",
+            "--dir", self.workdir, "--daemonize", "no", "--loglevel", "warning", "--logfile", log_path,
         ]
         if self.password:
             args += ["--requirepass", self.password]
@@ -78,6 +97,10 @@ class RedisServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
+                with contextlib.suppress(OSError), open(log_path, errors="replace") as log:
+                    err += log.read()[-2000:]
+                if "Address already in use" in err:
+                    raise _PortTaken(f"redis-server could not listen on port {self.port}: it is in use")
                 raise RuntimeError(f"redis-server exited at start: {err.strip()}")
             with contextlib.suppress(redis.RedisError):
                 if self.client().ping():
