@@ -223,7 +223,8 @@ class LocalCluster:
         client = self.redis.client(db)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            joined = {n.decode() for n in client.zrange(nodes_zset(topic), 0, -1)}
+            members: list[bytes] = client.zrange(nodes_zset(topic), 0, -1)  # type: ignore[assignment]
+            joined = {n.decode() for n in members}
             if set(nodes) <= joined:
                 return
             for worker in self.workers:
@@ -240,7 +241,7 @@ class LocalCluster:
         self.wait_live(nodes, topic=topic)
         return nodes
 
-    def client(self, topic: str, **settings: object) -> Any:
+    def client(self, topic: str, **settings: Any) -> Any:
         """A ``fd_celery.Client`` on an app of its own, on this cluster's Redis and ``topic``
         (``scheduler_*`` settings as for :func:`fd_celery.install`)."""
         from celery import Celery
