@@ -377,7 +377,11 @@ def test_decode_delivered_after_its_request_ended_releases_the_blob(sw, sw_app, 
     sw_app.backend.store_result(prefill_id, data, states.SUCCESS)
     r = _redis(sw_app)
     assert r.hexists(keys.kv_held(TOPIC), ref.location)
-    _send_decode(sw_app, _worker(sw, "d1").node, done.request_id, prefill_id)
+    from fd_celery.scheduler import registry
+
+    d2 = _worker(sw, "d2")  # (the node this file never kills: d1 dies in the kill -9 test)
+    wait_until(lambda: registry.is_live(r, sw_client.config, d2.node), 30, "d2 to be live")
+    _send_decode(sw_app, d2.node, done.request_id, prefill_id)
     again = sw_app.AsyncResult(f"{done.request_id}-d").get(timeout=60)
     assert again["token_ids"] == list(first.token_ids), "the late decode did not return the request's end"
     assert not r.hexists(keys.kv_held(TOPIC), ref.location), "the blob is still in the bytes-held index"
