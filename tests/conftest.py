@@ -8,7 +8,9 @@ Two runs of the suite may share a machine: every topic is this run's own (:func:
 because topics name the shared-memory KV files in /dev/shm, the one thing runs share.
 
 Tiers: a test that starts no ``celery worker`` (none of its fixtures or helpers does) is marked
-``fast``, runs first and gets a short timeout; ``pytest -m fast`` runs that tier alone.
+``fast``, runs first and gets a short timeout; ``pytest -m fast`` runs that tier alone. So a test
+that needs the session's worker must ask for it (``node`` or ``cluster``), even when what it sends
+reaches the worker some other way.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ T = TypeVar("T")
 #: This run's mark on every topic (and so on every KV file name in /dev/shm).
 RUN_ID = uuid.uuid4().hex[:8]
 TOPIC = f"test-{RUN_ID}"
-FAST_TIMEOUT_S = 30  # a fast test that takes longer is stuck (the slowest takes a few seconds)
+FAST_TIMEOUT_S = 30  # a fast test that takes longer is stuck (the slowest: ~12 s on 2 busy cores)
 POLL_INTERVAL_S = 0.05
 
 #: A well-formed ``ipc`` object of a cuda KV reference, as torch's ``_share_cuda_`` gives it
