@@ -102,7 +102,7 @@ def check_ipc(ipc: Any) -> None:
         raise KVRefError(f"KV reference of kind cuda needs an ipc object with fields {', '.join(IPC_FIELDS)}")
     for name, kind in IPC_FIELDS.items():
         value = ipc[name]
-        if type(value) is not kind:  # noqa: E721 - bool is not an int here
+        if type(value) is not kind:  # (exact type: bool is not an int here)
             raise KVRefError(f"KV reference ipc.{name} must be {kind.__name__}, got {type(value).__name__}")
         if kind is int and isinstance(value, int) and not 0 <= value < 1 << 48:
             raise KVRefError(f"KV reference ipc.{name}={value} is out of range")

@@ -87,7 +87,7 @@ class KVRef:
             raise KVRefError(f"KV reference dtype {self.dtype!r} is not one of {', '.join(ITEMSIZE)}")
         try:
             check_request_id(self.request_id)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure of the id check is a bad reference
             raise KVRefError(f"KV reference has an invalid request id {self.request_id!r}") from None
         limit = max_kv_bytes()
         if not isinstance(self.nbytes, int) or not 0 <= self.nbytes <= limit:

@@ -123,7 +123,7 @@ def record_end(
             _observe(pipe, metrics_key(topic, "tpot"), node_l, tpot_s, TPOT_BUCKETS)
         if own:
             pipe.execute()
-    except Exception as exc:  # never fail a request for a metric
+    except Exception as exc:  # noqa: BLE001 - never fail a request for a metric
         logger.warning("could not record the end of a request in the metrics: %s", exc)
 
 
@@ -131,7 +131,7 @@ def record_rejected(client: redis.Redis, topic: str, reason: str) -> None:
     """A request was turned away at submit (``reason``: ``"QueueFull"``, ``"NoNodeAvailable"``)."""
     try:
         client.hincrby(metrics_key(topic, "rejected"), _label(reason), 1)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - never fail a request for a metric
         logger.warning("could not record a rejected request in the metrics: %s", exc)
 
 
@@ -139,7 +139,7 @@ def record_given_back(client: redis.Redis, topic: str, node: str, count: int) ->
     """``count`` requests that the dead ``node`` held went back to their queues."""
     try:
         client.hincrby(metrics_key(topic, "givenback"), _label(node), int(count))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - never fail a request for a metric
         logger.warning("could not record requests given back in the metrics: %s", exc)
 
 
@@ -161,5 +161,5 @@ def record_handoff(client: redis.Redis, topic: str, node: str, nbytes: int, kind
             pipe.hincrby(metrics_key(topic, "handoffs"), f"{field}:bytes", nbytes)
         if own:
             pipe.execute()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - never fail a request for a metric
         logger.warning("could not record a KV hand-off in the metrics: %s", exc)

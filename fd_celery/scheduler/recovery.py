@@ -66,7 +66,8 @@ def restore_dead_nodes(client: redis.Redis, config: SchedulerConfig, transport_o
         return 0  # kombu's keys are prefixed: leave its messages to the visibility timeout
     topic = config.scheduler_topic
     oldest = int(time.time() * 1000) - int(config.scheduler_expire_period)
-    dead = [name.decode() for name in client.zrangebyscore(keys.nodes_zset(topic), "-inf", f"({oldest}")]
+    rows: list[bytes] = client.zrangebyscore(keys.nodes_zset(topic), "-inf", f"({oldest}")  # type: ignore[assignment]
+    dead = [name.decode() for name in rows]
     if not dead:
         return 0
     pipe = client.pipeline(transaction=False)

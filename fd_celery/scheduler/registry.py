@@ -62,7 +62,8 @@ def live_nodes(client: redis.Redis, config: SchedulerConfig) -> list[NodeInfo]:
     topic = config.scheduler_topic
     now = _now_ms()
     oldest = now - int(config.scheduler_expire_period)
-    rows = client.zrangebyscore(nodes_zset(topic), oldest, "+inf", withscores=True)
+    rows: list[tuple[bytes, float]] = client.zrangebyscore(  # type: ignore[assignment]
+        nodes_zset(topic), oldest, "+inf", withscores=True)
     names = sorted(name.decode() for name, _ in rows)
     beats = {name.decode(): score for name, score in rows}
     pipe = client.pipeline(transaction=False)

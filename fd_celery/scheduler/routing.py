@@ -91,7 +91,8 @@ def _queue_for(config: SchedulerConfig, name: str, request: GenerateRequest, hea
     topic = config.scheduler_topic
     if config.scheduler_name == "local":
         return keys.role_queue(topic, "mixed")
-    roles, blur, prefill = ("mixed",), 0.0, None
+    roles: tuple[str, ...] = ("mixed",)
+    blur, prefill = 0.0, None
     if config.scheduler_name == "splitwise" and name == "fd.prefill":
         roles, blur = keys.PREFILL_ROLES, PREFILL_BLUR
         _require_live(config, keys.DECODE_ROLES, "decode")

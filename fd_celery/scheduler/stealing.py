@@ -89,7 +89,7 @@ def steal_one(
 
 def stolen_from(client: redis.Redis, config: SchedulerConfig, request_id: str) -> tuple[str, float] | None:
     """(victim, when the thief became idle, epoch s) if this request was stolen, else None."""
-    raw = client.get(keys.stolen_marker(config.scheduler_topic, request_id))
+    raw: bytes | None = client.get(keys.stolen_marker(config.scheduler_topic, request_id))  # type: ignore[assignment]
     if raw is None:
         return None
     victim, _, idle_ms = raw.decode().rpartition("|")

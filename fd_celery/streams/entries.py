@@ -39,5 +39,5 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
 
 
 def last_entry(client: redis.Redis, key: str) -> StreamEntry | None:
-    rows = client.xrevrange(key, count=1)
+    rows: list[tuple[bytes, dict[bytes, bytes]]] = client.xrevrange(key, count=1)  # type: ignore[assignment]
     return decode_entry(*rows[0]) if rows else None

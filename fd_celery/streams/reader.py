@@ -48,7 +48,8 @@ class _ReaderSlot:
                     continue
             streams[self.wake_key] = self.wake_id
             try:
-                reply = client.xread(streams, count=count, block=self.readers.block_ms)
+                reply: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None = client.xread(
+                    streams, count=count, block=self.readers.block_ms)  # type: ignore[arg-type, assignment]
             except redis.RedisError as exc:
                 self._fail(exc)
                 time.sleep(0.2)

@@ -118,7 +118,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
             _, waiting = self._publish(client, config, beat=False)
             if not waiting:  # requests still queued here stay visible to thieves as orphans
                 loadtable.remove(client, config, get_node_settings(worker.app).role, [self.node])
-        except Exception as exc:  # Redis may already be gone at shutdown
+        except Exception as exc:  # noqa: BLE001 - Redis may already be gone at shutdown
             logger.warning("could not leave the node registry: %s", exc)
 
     shutdown = stop
@@ -132,7 +132,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
                 keys.steals_hash(config.scheduler_topic), f"{self.node}:made", f"{self.node}:suffered"
             )
             made, suffered = (int(c or 0) for c in counters)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the stats answer without the counters
             logger.warning("could not read steal counters: %s", exc)
         return {
             "fd": {
@@ -205,7 +205,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
                 if time.monotonic() >= next_sweep:  # KV blobs whose request expired
                     kv.sweep_shm(config.ttl_s + SWEEP_GRACE_S)
                     next_sweep = time.monotonic() + SWEEP_INTERVAL_S
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a heartbeat survives anything; it logs and goes on
                 logger.warning("heartbeat failed: %s", exc)
                 self._stop.wait(min(1.0, config.expire_period_s / 2))
                 next_recovery = time.monotonic() + config.expire_period_s
