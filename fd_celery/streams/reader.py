@@ -35,16 +35,21 @@ class _ReaderSlot:
         self.subs: dict[str, tuple[int, queue.SimpleQueue[Any]]] = {}
         self.lock = threading.Lock()
         self.has_subs = threading.Event()
-        threading.Thread(target=self._run, name=f"fd-reader-{index}", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name=f"fd-reader-{index}", daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         client, count = self.readers.client, self.readers.batch_size
-        while True:
+        while not self.readers.stopped.is_set():
             self.has_subs.wait()
+            if self.readers.stopped.is_set():
+                return
             with self.lock:
                 streams = {key: f"0-{after + 1}" for key, (after, _) in self.subs.items()}
                 if not streams:
                     self.has_subs.clear()
+                    if self.readers.stopped.is_set():  # (close() set it before the clear)
+                        return
                     continue
             streams[self.wake_key] = self.wake_id
             try:
@@ -78,7 +83,28 @@ class StreamReaders:
     def __init__(self, client: redis.Redis, parallel: int, batch_size: int, topic: str, block_ms: int) -> None:
         self.client, self.batch_size, self.block_ms = client, batch_size, block_ms
         self.wake_prefix = keys.wake_prefix(topic, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        self.stopped = threading.Event()
         self._slots = [_ReaderSlot(self, i) for i in range(parallel)]
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop every reader thread: each is woken out of its blocking read and ends; what a
+        thread was following gets nothing more. Idempotent."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for slot in self._slots:
+                pipe.xadd(slot.wake_key, {"w": "1"}, maxlen=16, approximate=True)
+                pipe.expire(slot.wake_key, WAKE_KEY_TTL_S)
+            pipe.execute()
+        except redis.RedisError:
+            pass  # Redis is gone: a blocked read ends with its error, or after its block period
+        for slot in self._slots:
+            slot.has_subs.set()
+        deadline = time.monotonic() + timeout_s
+        for slot in self._slots:
+            slot.thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _slot(self, key: str) -> _ReaderSlot:
         return self._slots[zlib.crc32(key.encode()) % len(self._slots)]
