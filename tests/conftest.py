@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import time
 import types
 import uuid
@@ -35,8 +36,12 @@ T = TypeVar("T")
 #: This run's mark on every topic (and so on every KV file name in /dev/shm).
 RUN_ID = uuid.uuid4().hex[:8]
 TOPIC = f"test-{RUN_ID}"
-FAST_TIMEOUT_S = 30  # a fast test that takes longer is stuck (the slowest: ~12 s on 2 busy cores)
+FAST_TIMEOUT_S = 30  # a fast test that takes longer is stuck (the slowest takes a few seconds)
 POLL_INTERVAL_S = 0.05
+# Intra-op torch threads in this process, as in the workers (FD_TORCH_THREADS' default): torch's
+# own default, a thread per core, spins against the workers and any other run on the machine
+# (the built-in model ran 6x slower with two threads on two busy cores).
+TORCH_THREADS = 1
 
 #: A well-formed ``ipc`` object of a cuda KV reference, as torch's ``_share_cuda_`` gives it
 #: (base64 of 64-byte CUDA handles): for checking references where no GPU is.
@@ -138,6 +143,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         else:
             rest.append(item)
     items[:] = fast + rest
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    torch = sys.modules.get("torch")  # not imported here: a run that needs no torch loads none
+    if torch is not None and torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,6 @@ from fd_celery.client import ClientClosed
 from fd_celery.connection import BLOCK_MS
 from fd_celery.errors import FDCeleryError, ResultTimeout
 from fd_celery.local_cluster import RedisServer
-from fd_celery.streams import StreamReaders
 from tests.conftest import make_app, run_topic, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,8 +78,6 @@ def test_a_handle_waiting_when_the_client_closes_raises_client_closed(redis_serv
     assert time.monotonic() - closed_at < STOP_WITHIN_S
 
 
-@pytest.mark.skipif(not hasattr(StreamReaders, "close"),
-                    reason="StreamReaders has no close() (fd_celery/streams/reader.py): its threads cannot stop")
 def test_close_ends_the_reader_threads(redis_server):
     before = _reader_threads()
     client = _offline_client(redis_server)

@@ -85,11 +85,8 @@ class Client:
         with self._readers_lock:
             self._closed = True
             readers, self._readers = self._readers, None
-        # Readers that cannot stop (no close()) at least follow nothing: each waiting handle
-        # sees the flag within a block period and unsubscribes on its way out.
-        stop = getattr(readers, "close", None)
-        if callable(stop):
-            stop()
+        if readers is not None:  # (a waiting handle sees the flag when its wait ends, and leaves)
+            readers.close()
 
     def _check_open(self, doing: str) -> None:
         if self._closed:
