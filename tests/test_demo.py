@@ -7,7 +7,6 @@ about as long as the slowest one.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -35,6 +34,7 @@ RUNS = {
     "splitwise": ["--requests", "6", "--max-tokens", "8", "--workers", "3"],
 }
 WORKER_LINE = re.compile(r"^  \S+@\S+: \w+, pid (\d+)$", re.M)  # how the demo lists a worker it started
+TOPIC_LINE = re.compile(r"^Redis on \S+ \(pid \d+\), topic (\S+)$")  # how the demo names its topic
 
 
 @dataclass
@@ -49,19 +49,15 @@ class Demo:
     returncode: int | None = None
 
     def learn_topic(self) -> None:
-        """Read the output up to the first worker, and that worker's topic from its environment
-        (the demo does not print it; it is random, so no other run's demo has it)."""
+        """Read the output up to the line that names the demo's topic (random, so no other run's
+        demo has it)."""
         assert self.proc.stdout is not None
-        while (line := self.proc.stdout.readline()) and not WORKER_LINE.match(line):
+        while line := self.proc.stdout.readline():
             self.head += line
-        self.head += line
-        match = WORKER_LINE.match(line)
-        if match is None:
-            return  # the demo ended before it started a worker: wait() reports it
-        with contextlib.suppress(OSError):  # a worker gone already: the check that needs it fails
-            environ = Path(f"/proc/{match.group(1)}/environ").read_bytes().split(b"\0")
-            found = [v for k, _, v in (e.partition(b"=") for e in environ) if k == b"FD_SCHEDULER_TOPIC"]
-            self.topic = found[0].decode() if found else None
+            if match := TOPIC_LINE.match(line):
+                self.topic = match.group(1)
+                return
+        # the demo ended before it named its topic: wait() reports it
 
     def wait(self) -> Demo:
         if self.returncode is None:

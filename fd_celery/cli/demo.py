@@ -145,7 +145,7 @@ def _run(redis_server: Any, plan: list[NodePlan], topic: str, scheduler: str, nu
         click.echo(f"fd-celery demo: {exc}", err=True)
         return 1
     assert redis_server.process is not None
-    click.echo(f"Redis on 127.0.0.1:{redis_server.port} (pid {redis_server.process.pid})")
+    click.echo(f"Redis on 127.0.0.1:{redis_server.port} (pid {redis_server.process.pid}), topic {topic}")
     cluster = LocalCluster(redis_server, env={"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": scheduler})
     _CLUSTERS.append(cluster)
     roles = Counter(p.role for p in plan)
