@@ -107,7 +107,10 @@ def _screen_broker_messages(conf: Any, transport: dict[str, Any], config: Schedu
     worker (see :mod:`fd_celery.worker.deadletter`). Another broker, or a transport the app chose, is
     left alone."""
     scheme = str(conf.broker_url or "").split("://", 1)[0]
-    if conf.broker_transport in (None, "redis", "rediss", DEAD_LETTER_TRANSPORT) and scheme in ("redis", "rediss"):
+    if conf.broker_transport in (None, "redis", "rediss", DEAD_LETTER_TRANSPORT) and scheme in (
+        "redis",
+        "rediss",
+    ):
         conf.broker_transport = DEAD_LETTER_TRANSPORT
         transport["fd_dead_letters"] = keys.dead_letter_list(config.scheduler_topic)
 
@@ -141,10 +144,20 @@ def _register_cli(app: Celery) -> None:
             help="fd_celery: the node's role (env FD_ROLE; default mixed).",
         )
     )
-    worker.add(click.Option(["--fd-model"], default=None, help="fd_celery: model name or local "
-                            f"directory (env FD_MODEL; default {DEFAULT_MODEL})."))
-    worker.add(click.Option(["--fd-device"], default=None, help="fd_celery: cpu, cuda or cuda:N "
-                            f"(env FD_DEVICE; default {DEFAULT_DEVICE})."))
+    worker.add(
+        click.Option(
+            ["--fd-model"],
+            default=None,
+            help=f"fd_celery: model name or local directory (env FD_MODEL; default {DEFAULT_MODEL}).",
+        )
+    )
+    worker.add(
+        click.Option(
+            ["--fd-device"],
+            default=None,
+            help=f"fd_celery: cpu, cuda or cuda:N (env FD_DEVICE; default {DEFAULT_DEVICE}).",
+        )
+    )
 
 
 def _check_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

@@ -142,8 +142,14 @@ def _topic(name: str, value: object) -> str:
     return value
 
 
-_CERT_REQS = {"required": "required", "optional": "optional", "none": "none",
-              "cert_required": "required", "cert_optional": "optional", "cert_none": "none"}
+_CERT_REQS = {
+    "required": "required",
+    "optional": "optional",
+    "none": "none",
+    "cert_required": "required",
+    "cert_optional": "optional",
+    "cert_none": "none",
+}
 
 
 @dataclass(frozen=True)
@@ -163,9 +169,12 @@ class RedisTLS:
             import ssl
 
             reqs = {ssl.CERT_REQUIRED: "required", ssl.CERT_OPTIONAL: "optional", ssl.CERT_NONE: "none"}.get(
-                self.cert_reqs)  # type: ignore[call-overload]
+                self.cert_reqs
+            )  # type: ignore[call-overload]
         if reqs is None:
-            raise ConfigError(f"ssl_cert_reqs={self.cert_reqs!r} is invalid; allowed: required, optional, none")
+            raise ConfigError(
+                f"ssl_cert_reqs={self.cert_reqs!r} is invalid; allowed: required, optional, none"
+            )
         object.__setattr__(self, "cert_reqs", reqs)
         for name in ("ca_certs", "certfile", "keyfile"):
             value = getattr(self, name)
@@ -202,8 +211,12 @@ class RedisTLS:
 
     @classmethod
     def _from_options(cls, options: dict[str, Any], source: str) -> RedisTLS:
-        known = {"ssl_cert_reqs": "cert_reqs", "ssl_ca_certs": "ca_certs", "ssl_certfile": "certfile",
-                 "ssl_keyfile": "keyfile"}
+        known = {
+            "ssl_cert_reqs": "cert_reqs",
+            "ssl_ca_certs": "ca_certs",
+            "ssl_certfile": "certfile",
+            "ssl_keyfile": "keyfile",
+        }
         values = {known[k]: v for k, v in options.items() if k in known and v is not None}
         try:
             return cls(**values)
@@ -244,9 +257,7 @@ class SchedulerConfig:
     scheduler_min_load_score: float = _param(
         3.0, _float(0.0, 1e9), "a node is stolen from only at this load score or above"
     )
-    scheduler_load_shards_num: int = _param(
-        1, _integer(1, 1024), "sorted sets the load table is spread over"
-    )
+    scheduler_load_shards_num: int = _param(1, _integer(1, 1024), "sorted sets the load table is spread over")
     scheduler_sync_period: float = _param(
         5.0, _duration("ms"), "milliseconds between load/heartbeat publications"
     )
@@ -265,8 +276,11 @@ class SchedulerConfig:
         200, _integer(1, 100_000), "most output entries written per batch"
     )
     #: Not a scheduler parameter: TLS follows the app's Celery settings (``RedisTLS.from_celery``).
-    tls: RedisTLS | None = field(default=None, compare=True, metadata={
-        "parse": _tls, "doc": "TLS to Redis, from the app's Celery settings", "param": False})
+    tls: RedisTLS | None = field(
+        default=None,
+        compare=True,
+        metadata={"parse": _tls, "doc": "TLS to Redis, from the app's Celery settings", "param": False},
+    )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SchedulerConfig:
         # An unknown keyword is a ConfigError with a hint here, before the generated __init__
@@ -372,7 +386,9 @@ class SchedulerConfig:
 
 
 #: Fields that are not scheduler parameters (``tls`` follows the app's Celery settings).
-_NOT_PARAMS = frozenset(f.name for f in dataclasses.fields(SchedulerConfig) if not f.metadata.get("param", True))
+_NOT_PARAMS = frozenset(
+    f.name for f in dataclasses.fields(SchedulerConfig) if not f.metadata.get("param", True)
+)
 
 
 def check_names(values: Mapping[str, Any], source: str, *, env: bool = False) -> None:
@@ -383,8 +399,8 @@ def check_names(values: Mapping[str, Any], source: str, *, env: bool = False) ->
     for name in values:
         if name not in known:
             shown = (ENV_PREFIX + name.upper()) if env else name
-            short = {k[len(PREFIX):]: k for k in known}
-            close = [short[m] for m in difflib.get_close_matches(name[len(PREFIX):], list(short), n=1)]
+            short = {k[len(PREFIX) :]: k for k in known}
+            close = [short[m] for m in difflib.get_close_matches(name[len(PREFIX) :], list(short), n=1)]
             hint = f"; did you mean {(ENV_PREFIX + close[0].upper()) if env else close[0]}?" if close else ""
             raise ConfigError(f"unknown {source} {shown!r}{hint}")
 

@@ -84,9 +84,23 @@ class RedisServer:
     def _start_on_port(self) -> RedisServer:
         log_path = os.path.join(self.workdir, "redis.log")
         args = [
-            find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-            "--dir", self.workdir, "--daemonize", "no", "--loglevel", "warning", "--logfile", log_path,
+            find_redis_server(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--dir",
+            self.workdir,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            log_path,
         ]
         if self.password:
             args += ["--requirepass", self.password]
@@ -146,11 +160,24 @@ class WorkerProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "celery", "-A", self.app, "worker",
-            "-n", f"{self.name}@%h", "-c", str(self.concurrency), "-P", self.pool,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            self.app,
+            "worker",
+            "-n",
+            f"{self.name}@%h",
+            "-c",
+            str(self.concurrency),
+            "-P",
+            self.pool,
             # Without gossip and mingle a worker starts faster; its heartbeat stays, so it keeps an
             # event dispatcher and Flower (or `celery control enable_events`) can turn events on.
-            "--without-gossip", "--without-mingle", "-l", "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "INFO",
             *self.extra_args,
         ]
 
@@ -215,8 +242,13 @@ class LocalCluster:
         self.workers.append(worker)
         return worker
 
-    def wait_live(self, nodes: Sequence[str], topic: str = "default", db: int = 0,
-                  timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
+    def wait_live(
+        self,
+        nodes: Sequence[str],
+        topic: str = "default",
+        db: int = 0,
+        timeout_s: float = WORKER_START_TIMEOUT_S,
+    ) -> None:
         """Wait until every node in ``nodes`` has joined the registry (a worker is ready)."""
         from fd_celery.keys import nodes_zset
 
@@ -236,8 +268,10 @@ class LocalCluster:
     def add_split_pair(self, topic: str, env: Mapping[str, str] | None = None) -> list[str]:
         """One prefill node ``pp`` and one decode node ``dd`` of ``topic``, once both are live:
         their node names, prefill first."""
-        nodes = [self.add_worker("pp", env={"FD_ROLE": "prefill", **(env or {})}).node,
-                 self.add_worker("dd", env={"FD_ROLE": "decode", **(env or {})}).node]
+        nodes = [
+            self.add_worker("pp", env={"FD_ROLE": "prefill", **(env or {})}).node,
+            self.add_worker("dd", env={"FD_ROLE": "decode", **(env or {})}).node,
+        ]
         self.wait_live(nodes, topic=topic)
         return nodes
 
@@ -249,8 +283,13 @@ class LocalCluster:
         from fd_celery import Client, install
 
         app = Celery(f"client-{topic}", set_as_current=False)
-        install(app, scheduler_port=self.redis.port, scheduler_password=self.redis.password,
-                scheduler_topic=topic, **settings)
+        install(
+            app,
+            scheduler_port=self.redis.port,
+            scheduler_password=self.redis.password,
+            scheduler_topic=topic,
+            **settings,
+        )
         return Client(app)
 
     def close(self, keep_logs: bool = False) -> None:

@@ -19,8 +19,19 @@ from fd_celery.config import SchedulerConfig, _choice, _duration, _float, _integ
 from fd_celery.errors import ConfigError
 from fd_celery.keys import ROLES
 
-__all__ = ["get_config", "set_config", "has_config", "get_node_settings", "set_node_settings", "NodeSettings",
-           "NodeKnobs", "node_knobs", "reload_node_knobs", "DEFAULT_MODEL", "DEFAULT_DEVICE"]
+__all__ = [
+    "get_config",
+    "set_config",
+    "has_config",
+    "get_node_settings",
+    "set_node_settings",
+    "NodeSettings",
+    "NodeKnobs",
+    "node_knobs",
+    "reload_node_knobs",
+    "DEFAULT_MODEL",
+    "DEFAULT_DEVICE",
+]
 
 DEFAULT_MODEL = "fd-tiny"
 DEFAULT_DEVICE = "cpu"
@@ -51,7 +62,6 @@ class NodeSettings:
             raise ConfigError(f"fd_role={self.role!r} is invalid; allowed: {', '.join(ROLES)}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ConfigError(f"fd_device={self.device!r} is invalid; allowed: cpu, cuda, cuda:N")
-
 
 
 def get_config(app: Celery) -> SchedulerConfig:
@@ -99,29 +109,56 @@ class NodeKnobs:
     variable, its value and what is allowed. Read them through :func:`node_knobs`."""
 
     max_kv_bytes: int = _param(
-        8 << 30, _integer(0, 1 << 50), "a KV reference of more bytes than this is refused",
-        env="FD_MAX_KV_BYTES", unit="bytes")
+        8 << 30,
+        _integer(0, 1 << 50),
+        "a KV reference of more bytes than this is refused",
+        env="FD_MAX_KV_BYTES",
+        unit="bytes",
+    )
     kv_shm_pool_slots: int = _param(
         # (at most 999: a slot's index is three digits of its file name)
-        4, _integer(0, 999), "recycled shared-memory files per prefill process; 0: a new file per blob",
-        env="FD_KV_SHM_POOL_SLOTS", unit="files")
+        4,
+        _integer(0, 999),
+        "recycled shared-memory files per prefill process; 0: a new file per blob",
+        env="FD_KV_SHM_POOL_SLOTS",
+        unit="files",
+    )
     kv_shm_pool_bytes: int = _param(
-        1 << 30, _integer(0, 1 << 50), "the most bytes a process's recycled shared-memory files hold together",
-        env="FD_KV_SHM_POOL_BYTES", unit="bytes")
+        1 << 30,
+        _integer(0, 1 << 50),
+        "the most bytes a process's recycled shared-memory files hold together",
+        env="FD_KV_SHM_POOL_BYTES",
+        unit="bytes",
+    )
     kv_cuda_grace_s: float = _param(
-        5.0, _float(0.0, 86_400.0), "how long past its expiry an unclaimed cuda blob waits for its decode node",
-        env="FD_KV_CUDA_GRACE_S", unit="s")
+        5.0,
+        _float(0.0, 86_400.0),
+        "how long past its expiry an unclaimed cuda blob waits for its decode node",
+        env="FD_KV_CUDA_GRACE_S",
+        unit="s",
+    )
     kv_store: str = _param(
-        "auto", _kv_store, "the KV store of every hand-off (auto: as the nodes' hosts and devices allow)",
-        env="FD_KV_STORE", unit="")
+        "auto",
+        _kv_store,
+        "the KV store of every hand-off (auto: as the nodes' hosts and devices allow)",
+        env="FD_KV_STORE",
+        unit="",
+    )
     torch_threads: int = _param(
-        1, _integer(0, 1024), "torch intra-op threads per pool process; 0: torch's own default",
-        env="FD_TORCH_THREADS", unit="threads")
+        1,
+        _integer(0, 1024),
+        "torch intra-op threads per pool process; 0: torch's own default",
+        env="FD_TORCH_THREADS",
+        unit="threads",
+    )
     visibility_timeout_s: float | None = _param(
-        None, _seconds_or_unset,
+        None,
+        _seconds_or_unset,
         "how long Redis waits before it gives the request of a dead worker to another; "
         "unset: scheduler_ttl + 3600 s (it must exceed the longest request)",
-        env="FD_VISIBILITY_TIMEOUT_S", unit="s")
+        env="FD_VISIBILITY_TIMEOUT_S",
+        unit="s",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -132,15 +169,20 @@ class NodeKnobs:
         """The knobs set in ``environ`` (``os.environ`` by default); the others keep their default.
         An empty variable counts as unset."""
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {f.name: environ[f.metadata["env"]] for f in dataclasses.fields(cls)
-                                  if environ.get(f.metadata["env"], "").strip()}
+        values: dict[str, Any] = {
+            f.name: environ[f.metadata["env"]]
+            for f in dataclasses.fields(cls)
+            if environ.get(f.metadata["env"], "").strip()
+        }
         return cls(**values)
 
     @classmethod
     def describe(cls) -> list[tuple[str, str, str, str]]:
         """``(variable, default, unit, doc)`` of every knob, for help texts."""
-        return [(f.metadata["env"], repr(f.default), f.metadata["unit"], f.metadata["doc"])
-                for f in dataclasses.fields(cls)]
+        return [
+            (f.metadata["env"], repr(f.default), f.metadata["unit"], f.metadata["doc"])
+            for f in dataclasses.fields(cls)
+        ]
 
 
 _knobs: NodeKnobs | None = None

@@ -46,8 +46,14 @@ TORCH_THREADS = 1
 #: A well-formed ``ipc`` object of a cuda KV reference, as torch's ``_share_cuda_`` gives it
 #: (base64 of 64-byte CUDA handles): for checking references where no GPU is.
 CUDA_IPC: dict[str, Any] = {
-    "pid": 4242, "device": 0, "handle": "QUJD" * 21 + "QQ==", "storage_bytes": 1 << 20, "storage_offset": 0,
-    "counter": "/torch_4242_3141592653_0", "counter_offset": 7, "event": "RVZU" * 21 + "RQ==",
+    "pid": 4242,
+    "device": 0,
+    "handle": "QUJD" * 21 + "QQ==",
+    "storage_bytes": 1 << 20,
+    "storage_offset": 0,
+    "counter": "/torch_4242_3141592653_0",
+    "counter_offset": 7,
+    "event": "RVZU" * 21 + "RQ==",
     "event_sync": True,
 }
 
@@ -65,8 +71,9 @@ def shm_files(topic: str) -> list[str]:
     return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
 
 
-def wait_until(predicate: Callable[[], T], timeout_s: float, what: str,
-               interval_s: float = POLL_INTERVAL_S) -> T:
+def wait_until(
+    predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = POLL_INTERVAL_S
+) -> T:
     """Poll ``predicate`` until it returns something true (returned); fail naming ``what`` (what
     was awaited) and the last value when ``timeout_s`` passes first."""
     deadline = time.monotonic() + timeout_s
@@ -83,7 +90,9 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, what: str,
 
 # Code that starts `celery worker` processes names one of these (a cluster or a worker of its
 # own), or runs the `demo` command line (a subprocess that starts a cluster of its own).
-_WORKER_NAMES = frozenset({"LocalCluster", "WorkerProcess", "running_cluster", "add_worker", "add_split_pair"})
+_WORKER_NAMES = frozenset(
+    {"LocalCluster", "WorkerProcess", "running_cluster", "add_worker", "add_split_pair"}
+)
 _WORKER_COMMANDS = frozenset({"demo"})
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -94,7 +103,9 @@ def _starts_workers(code: types.CodeType, scope: dict[str, Any], seen: set[types
     if code in seen:
         return False
     seen.add(code)
-    if _WORKER_NAMES & set(code.co_names) or _WORKER_COMMANDS & {c for c in code.co_consts if isinstance(c, str)}:
+    if _WORKER_NAMES & set(code.co_names) or _WORKER_COMMANDS & {
+        c for c in code.co_consts if isinstance(c, str)
+    }:
         return True
     for const in code.co_consts:
         if isinstance(const, types.CodeType) and _starts_workers(const, scope, seen):
@@ -159,8 +170,10 @@ def _fast_tests_start_no_worker(request: pytest.FixtureRequest, monkeypatch: pyt
         return
 
     def refuse(worker: WorkerProcess) -> WorkerProcess:
-        raise AssertionError(f"{request.node.nodeid} is marked fast but started worker {worker.name!r}: "
-                             "tell tests/conftest.py's tiers how it starts workers")
+        raise AssertionError(
+            f"{request.node.nodeid} is marked fast but started worker {worker.name!r}: "
+            "tell tests/conftest.py's tiers how it starts workers"
+        )
 
     # By its dotted path: a name of the worker class here would mark this fixture, and with it
     # every test, as one that starts workers.
@@ -244,5 +257,7 @@ def envelope_template(redis_server: RedisServer) -> dict[str, Any]:
     raw.close()
     assert item is not None
     template = json.loads(item)
-    assert template["properties"]["body_encoding"] == "base64" and template["content-type"] == "application/json"
+    assert (
+        template["properties"]["body_encoding"] == "base64" and template["content-type"] == "application/json"
+    )
     return template

@@ -141,7 +141,9 @@ SEND_TASK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,fragment", [c[1:] for c in SEND_TASK_CASES], ids=[c[0] for c in SEND_TASK_CASES])
+@pytest.mark.parametrize(
+    "kwargs,fragment", [c[1:] for c in SEND_TASK_CASES], ids=[c[0] for c in SEND_TASK_CASES]
+)
 def test_plain_send_task_rejected_by_router(offline_app: Celery, kwargs, fragment):
     with pytest.raises(InvalidRequest) as info:
         offline_app.send_task("fd.generate", kwargs=kwargs)
@@ -167,7 +169,9 @@ def test_positional_args_reach_the_worker_and_are_rejected(app: Celery, client, 
 @pytest.mark.parametrize("task_id", ["../../etc", "a b", "x" * 300], ids=["path", "space", "300-chars"])
 def test_plain_send_task_with_bad_task_id(app: Celery, task_id):
     with pytest.raises(InvalidRequest, match="request_id"):
-        app.send_task("fd.generate", kwargs={"prompt": "hello", "max_tokens": 2}, task_id=task_id).get(timeout=60)
+        app.send_task("fd.generate", kwargs={"prompt": "hello", "max_tokens": 2}, task_id=task_id).get(
+            timeout=60
+        )
 
 
 def test_request_id_with_trailing_newline(client):
@@ -182,8 +186,12 @@ def test_request_id_with_trailing_newline(client):
 def raw(redis_server) -> Iterator[Celery]:
     """A Celery app with no fd_celery at all: no router, no checks, JSON only."""
     app = Celery("raw", broker=redis_server.url(), backend=redis_server.url(), set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"],
-                    result_serializer="json", result_accept_content=["json"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_accept_content=["json"],
+    )
     yield app
     app.close()
 
@@ -229,7 +237,9 @@ def test_raw_positional_args_rejected(raw: Celery, client):
 
 def test_raw_valid_message_is_served(raw: Celery, node):
     """The control: the same raw path with a good payload works, so rejections are real."""
-    result = raw.send_task("fd.generate", kwargs={"prompt": "hello", "max_tokens": 3}, queue=QUEUE).get(timeout=60)
+    result = raw.send_task("fd.generate", kwargs={"prompt": "hello", "max_tokens": 3}, queue=QUEUE).get(
+        timeout=60
+    )
     assert len(result["token_ids"]) >= 1
 
 

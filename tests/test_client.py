@@ -86,8 +86,11 @@ def test_close_ends_the_reader_threads(redis_server):
     mine = _reader_threads() - before
     assert len(mine) == client.config.scheduler_reader_parallel, sorted(t.name for t in mine)
     client.close()
-    wait_until(lambda: not any(t.is_alive() for t in mine), STOP_WITHIN_S,
-               "the closed client's fd-reader-* threads to end")
+    wait_until(
+        lambda: not any(t.is_alive() for t in mine),
+        STOP_WITHIN_S,
+        "the closed client's fd-reader-* threads to end",
+    )
 
 
 NO_TORCH = """
@@ -112,6 +115,11 @@ print("no torch")
 
 def test_a_client_process_imports_no_torch(redis_server):
     """install(), a Client, a submit and a wait for its stream: none of it loads torch."""
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(redis_server.port), OFFLINE_TOPIC],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, str(redis_server.port), OFFLINE_TOPIC],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and "no torch" in proc.stdout, proc.stdout + proc.stderr

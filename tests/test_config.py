@@ -134,8 +134,11 @@ def test_config_is_frozen():
 
 
 FLOAT_PARAMS = {
-    "scheduler_ttl", "scheduler_sync_period", "scheduler_expire_period",
-    "scheduler_release_load_expire_period", "scheduler_min_load_score",
+    "scheduler_ttl",
+    "scheduler_sync_period",
+    "scheduler_expire_period",
+    "scheduler_release_load_expire_period",
+    "scheduler_min_load_score",
 }
 
 
@@ -219,7 +222,9 @@ def test_env_values_are_parsed_like_kwargs(monkeypatch):
     monkeypatch.setenv("FD_SCHEDULER_MIN_LOAD_SCORE", "0.25")
     config = installed()
     assert (config.scheduler_name, config.scheduler_port, config.scheduler_min_load_score) == (
-        "global", 7005, 0.25,
+        "global",
+        7005,
+        0.25,
     )
 
 
@@ -266,8 +271,12 @@ def test_duration_units(name, given, expected, monkeypatch):
 
 
 def test_duration_properties_are_seconds():
-    config = installed(scheduler_sync_period="250ms", scheduler_expire_period="3s",
-                       scheduler_ttl="2m", scheduler_release_load_expire_period="1500ms")
+    config = installed(
+        scheduler_sync_period="250ms",
+        scheduler_expire_period="3s",
+        scheduler_ttl="2m",
+        scheduler_release_load_expire_period="1500ms",
+    )
     assert config.sync_period_s == pytest.approx(0.25)
     assert config.expire_period_s == pytest.approx(3.0)
     assert config.ttl_s == pytest.approx(120.0)
@@ -279,15 +288,28 @@ def test_duration_properties_are_seconds():
 BAD_VALUES: dict[str, list[Any]] = {
     "scheduler_name": ["fifo", "", 3, True, ["local"]],
     "scheduler_max_size": [0, -2, 1.5, 8.0, "ten", "5.0", True, 10**9 + 1],
-    "scheduler_ttl": [0, -1, -0.5, "0s", "-5", "abc", "", "5x", "3 days", math.nan, math.inf,
-                      -math.inf, True, [5]],
+    "scheduler_ttl": [
+        0,
+        -1,
+        -0.5,
+        "0s",
+        "-5",
+        "abc",
+        "",
+        "5x",
+        "3 days",
+        math.nan,
+        math.inf,
+        -math.inf,
+        True,
+        [5],
+    ],
     "scheduler_host": ["", "   ", "two words", 123, True],
     "scheduler_port": [0, -1, 65536, "http", "", 80.0, True, math.nan],
     "scheduler_db": [-1, 10_001, "a", 1.0, False],
     "scheduler_password": [123, b"bytes", ["x"], True],
     "scheduler_topic": ["a:b", "a b", "", "a/b", "a*", "x" * 65, "é", 5, True],
-    "scheduler_min_load_score": [-0.1, math.nan, math.inf, "nan", "inf", "-inf", "abc", True,
-                                 1e10, None],
+    "scheduler_min_load_score": [-0.1, math.nan, math.inf, "nan", "inf", "-inf", "abc", True, 1e10, None],
     "scheduler_load_shards_num": [0, -1, 1025, 2.0, "x", True],
     "scheduler_sync_period": [0, -5, "0ms", "-1ms", math.nan, math.inf, "abc", True],
     "scheduler_expire_period": [0, -1, math.nan, "soon", False],
@@ -563,16 +585,23 @@ def cli_env(port: int, **extra: str) -> dict[str, str]:
     return env
 
 
-def celery_cmd(*args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def celery_cmd(
+    *args: str, env: dict[str, str], cwd: Path = REPO, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "celery", *args],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def test_cli_bad_value_exits_nonzero_naming_it(redis_server):
-    proc = celery_cmd("-A", "workers.mixed", "fd", "--scheduler-ttl", "abc", "status",
-                      env=cli_env(redis_server.port))
+    proc = celery_cmd(
+        "-A", "workers.mixed", "fd", "--scheduler-ttl", "abc", "status", env=cli_env(redis_server.port)
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert "scheduler_ttl" in output and "'abc'" in output, output
@@ -597,8 +626,9 @@ def test_cli_other_bad_values(redis_server, args, names):
 
 
 def test_cli_unknown_option_is_an_error_with_hint(redis_server):
-    proc = celery_cmd("-A", "workers.mixed", "fd", "--scheduler-ttll", "5", "status",
-                      env=cli_env(redis_server.port))
+    proc = celery_cmd(
+        "-A", "workers.mixed", "fd", "--scheduler-ttll", "5", "status", env=cli_env(redis_server.port)
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "--scheduler-ttll" in output and "--scheduler-ttl" in output.split("--scheduler-ttll")[-1]
@@ -613,7 +643,9 @@ def test_worker_help_lists_fd_options(redis_server):
         assert "--" + name.replace("_", "-") in proc.stdout
 
 
-def status_json(port: int, *pre: str, app: str = "workers.mixed", cwd: Path = REPO, **env: str) -> dict[str, Any]:
+def status_json(
+    port: int, *pre: str, app: str = "workers.mixed", cwd: Path = REPO, **env: str
+) -> dict[str, Any]:
     proc = celery_cmd("-A", app, "fd", *pre, "status", "--json", env=cli_env(port, **env), cwd=cwd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout)
@@ -621,12 +653,16 @@ def status_json(port: int, *pre: str, app: str = "workers.mixed", cwd: Path = RE
 
 def test_cli_option_beats_env(redis_server):
     assert status_json(redis_server.port, FD_SCHEDULER_TOPIC="env-t")["topic"] == "env-t"
-    assert status_json(redis_server.port, "--scheduler-topic", "cli-t", FD_SCHEDULER_TOPIC="env-t")["topic"] == "cli-t"
+    assert (
+        status_json(redis_server.port, "--scheduler-topic", "cli-t", FD_SCHEDULER_TOPIC="env-t")["topic"]
+        == "cli-t"
+    )
 
 
 def test_cli_option_beats_install_kwargs_and_conf(redis_server, tmp_path):
-    (tmp_path / "cfgapp.py").write_text(textwrap.dedent(
-        f"""
+    (tmp_path / "cfgapp.py").write_text(
+        textwrap.dedent(
+            f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
         from celery import Celery
@@ -636,11 +672,16 @@ def test_cli_option_beats_install_kwargs_and_conf(redis_server, tmp_path):
         app.conf.scheduler_db = 0
         fd_celery.install(app, scheduler_topic="kw-t")
         """
-    ))
+        )
+    )
     port = redis_server.port
     assert status_json(port, app="cfgapp", cwd=tmp_path, FD_SCHEDULER_TOPIC="env-t")["topic"] == "kw-t"
-    assert status_json(port, "--scheduler-topic", "cli-t", app="cfgapp", cwd=tmp_path,
-                       FD_SCHEDULER_TOPIC="env-t")["topic"] == "cli-t"
+    assert (
+        status_json(
+            port, "--scheduler-topic", "cli-t", app="cfgapp", cwd=tmp_path, FD_SCHEDULER_TOPIC="env-t"
+        )["topic"]
+        == "cli-t"
+    )
 
 
 def test_worker_started_with_cli_topic(redis_server):
@@ -665,16 +706,25 @@ def test_worker_started_with_cli_topic(redis_server):
 # --------------------------------------------------------------------------- TLS follows the app
 
 
-@pytest.mark.parametrize(("conf", "expected"), [
-    ({}, None),
-    ({"broker_use_ssl": True}, "ssl_cert_reqs=required"),
-    ({"broker_use_ssl": {"ssl_cert_reqs": "none"}}, "ssl_cert_reqs=none"),
-    ({"redis_backend_use_ssl": {"ssl_cert_reqs": "CERT_OPTIONAL", "ssl_ca_certs": "/etc/ca.pem"}},
-     "ssl_cert_reqs=optional&ssl_ca_certs=/etc/ca.pem"),
-    ({"broker_url": "rediss://h:1/0?ssl_cert_reqs=required&ssl_ca_certs=/c.pem&ssl_certfile=/me.pem&ssl_keyfile=/k"},
-     "ssl_cert_reqs=required&ssl_ca_certs=/c.pem&ssl_certfile=/me.pem&ssl_keyfile=/k"),
-    ({"result_backend": "rediss://h:1/0?ssl_cert_reqs=none"}, "ssl_cert_reqs=none"),
-])
+@pytest.mark.parametrize(
+    ("conf", "expected"),
+    [
+        ({}, None),
+        ({"broker_use_ssl": True}, "ssl_cert_reqs=required"),
+        ({"broker_use_ssl": {"ssl_cert_reqs": "none"}}, "ssl_cert_reqs=none"),
+        (
+            {"redis_backend_use_ssl": {"ssl_cert_reqs": "CERT_OPTIONAL", "ssl_ca_certs": "/etc/ca.pem"}},
+            "ssl_cert_reqs=optional&ssl_ca_certs=/etc/ca.pem",
+        ),
+        (
+            {
+                "broker_url": "rediss://h:1/0?ssl_cert_reqs=required&ssl_ca_certs=/c.pem&ssl_certfile=/me.pem&ssl_keyfile=/k"
+            },
+            "ssl_cert_reqs=required&ssl_ca_certs=/c.pem&ssl_certfile=/me.pem&ssl_keyfile=/k",
+        ),
+        ({"result_backend": "rediss://h:1/0?ssl_cert_reqs=none"}, "ssl_cert_reqs=none"),
+    ],
+)
 def test_tls_to_redis_follows_the_apps_celery_settings(conf, expected):
     """One TLS setting, Celery's own, secures broker, backend and the scheduler's connections:
     the derived URLs become ``rediss://`` with the same ``ssl_*`` options; no new parameter."""

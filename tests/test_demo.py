@@ -83,7 +83,11 @@ def _start(name: str, args: list[str], cwd: Path) -> Demo:
     cwd.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-c", "from fd_celery.cli.main import main; main()", "demo", *args],
-        cwd=cwd, env=_demo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=cwd,
+        env=_demo_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     return Demo(name, cwd, proc)
@@ -151,8 +155,10 @@ def _assert_nothing_left(output: str, expected_workers: int) -> None:
         if not any(left.values()) and _process_state(redis_pid) in (None, "Z") and not _port_open(port):
             return
         time.sleep(0.2)
-    raise AssertionError(f"left running: workers {left}, redis pid {redis_pid} "
-                         f"({_process_state(redis_pid)}), port {port} open: {_port_open(port)}")
+    raise AssertionError(
+        f"left running: workers {left}, redis pid {redis_pid} "
+        f"({_process_state(redis_pid)}), port {port} open: {_port_open(port)}"
+    )
 
 
 def _assert_png(path: Path) -> None:
@@ -176,7 +182,9 @@ def _check_completed(demo: Demo, expected_workers: int) -> str:
     assert "\r" not in out, "progress on a pipe must be lines, not a bar redrawn in place"
     progress = [line for line in out.splitlines() if line.startswith("[")]
     assert 1 <= len(progress) <= 10, out  # a line per tenth at most, then the last
-    assert progress[-1].startswith("[" + "#" * 24 + "]") and f"{requests}/{requests} done" in progress[-1], out
+    assert progress[-1].startswith("[" + "#" * 24 + "]") and f"{requests}/{requests} done" in progress[-1], (
+        out
+    )
     assert "who served what" in out and "per node" in out and "TTFT p50" in out, out
     _assert_png(demo.cwd / "fd-demo-timeline.png")
     assert f"timeline: {demo.cwd / 'fd-demo-timeline.png'}" in out
@@ -233,8 +241,11 @@ def test_ctrl_c_stops_every_process(demos, tmp_path):
     # after the other demos, so that it does not slow them down
     for demo in demos.values():
         demo.wait()
-    demo = _start("interrupted", ["--scheduler", "global", "--workers", "2", "--requests", "2000",
-                                  "--max-tokens", "64"], tmp_path)
+    demo = _start(
+        "interrupted",
+        ["--scheduler", "global", "--workers", "2", "--requests", "2000", "--max-tokens", "64"],
+        tmp_path,
+    )
     assert demo.proc.stdout is not None
     seen = []
     deadline = time.monotonic() + 90

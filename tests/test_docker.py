@@ -155,9 +155,9 @@ def _from_argv(argv: list[str], where: str) -> list[Invocation]:
     for i, arg in enumerate(argv):
         name = os.path.basename(arg)
         if name in ("celery", "fd-celery"):
-            return [Invocation(where, (name, *argv[i + 1:]))]
-        if name.startswith("python") and argv[i + 1:i + 3] == ["-m", "celery"]:
-            return [Invocation(where, ("celery", *argv[i + 3:]))]
+            return [Invocation(where, (name, *argv[i + 1 :]))]
+        if name.startswith("python") and argv[i + 1 : i + 3] == ["-m", "celery"]:
+            return [Invocation(where, ("celery", *argv[i + 3 :]))]
     return []
 
 
@@ -245,7 +245,9 @@ def all_invocations(services: dict[str, Any], dockerfile: list[tuple[str, str]])
         if isinstance(entry, list) and isinstance(command, list):
             found += invocations_in(entry + command, f"{name}: entrypoint + command")
         else:
-            found += invocations_in(entry, f"{name}: entrypoint") + invocations_in(command, f"{name}: command")
+            found += invocations_in(entry, f"{name}: entrypoint") + invocations_in(
+                command, f"{name}: command"
+            )
         found += invocations_in((svc.get("healthcheck") or {}).get("test"), f"{name}: healthcheck")
     for word, args in dockerfile:
         if word in ("CMD", "ENTRYPOINT", "RUN", "HEALTHCHECK"):
@@ -301,7 +303,9 @@ def test_the_compose_scheduler_settings_are_valid():
     from fd_celery import SchedulerConfig
 
     env = interpolate(yaml.safe_load(COMPOSE_FILE.read_text())["x-fd-env"], dict(TEST_SECRETS))
-    config = SchedulerConfig.from_sources(environ={k: v for k, v in env.items() if k.startswith("FD_SCHEDULER_")})
+    config = SchedulerConfig.from_sources(
+        environ={k: v for k, v in env.items() if k.startswith("FD_SCHEDULER_")}
+    )
     assert config.scheduler_name == "splitwise" and config.scheduler_host == "redis"
     assert config.scheduler_password == TEST_SECRETS["FD_SCHEDULER_PASSWORD"]
 
@@ -352,10 +356,17 @@ def test_the_redis_command_and_healthcheck_work_for_real(services, tmp_path):
     port = free_port()
     command = list(map(str, services["redis"]["command"]))
     assert command[:2] == ["sh", "-c"]
-    script = command[2].replace("redis-server -", f"redis-server - --port {port} --bind 127.0.0.1 --dir {tmp_path}")
+    script = command[2].replace(
+        "redis-server -", f"redis-server - --port {port} --bind 127.0.0.1 --dir {tmp_path}"
+    )
     env = {**os.environ, **services["redis"]["environment"]}
-    proc = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["sh", "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         health = services["redis"]["healthcheck"]["test"]
         assert health[0] == "CMD-SHELL"
@@ -368,14 +379,20 @@ def test_the_redis_command_and_healthcheck_work_for_real(services, tmp_path):
         no_auth = subprocess.run([cli, "-p", str(port), "ping"], capture_output=True, text=True)
         assert "NOAUTH" in no_auth.stdout + no_auth.stderr
         auth_env = {**os.environ, "REDISCLI_AUTH": env["FD_SCHEDULER_PASSWORD"]}
-        aof = subprocess.run([cli, "-p", str(port), "config", "get", "appendonly"],
-                             env=auth_env, capture_output=True, text=True)
+        aof = subprocess.run(
+            [cli, "-p", str(port), "config", "get", "appendonly"],
+            env=auth_env,
+            capture_output=True,
+            text=True,
+        )
         assert aof.stdout.split() == ["appendonly", "yes"]
         # The password is not on the command line (it travels on stdin).
         cmdlines = []
         for proc_dir in Path("/proc").glob("[0-9]*"):
             with contextlib.suppress(OSError):
-                cmdlines.append((proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                cmdlines.append(
+                    (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                )
         assert cmdlines and not any(env["FD_SCHEDULER_PASSWORD"] in c for c in cmdlines)
     finally:
         os.killpg(proc.pid, 9)
@@ -436,8 +453,14 @@ def test_every_celery_app_module_named_is_importable_with_app(services, dockerfi
     env = _child_env(services)
 
     def check(module: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", IMPORT_CHECK, module], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-c", IMPORT_CHECK, module],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     with ThreadPoolExecutor(4) as pool:
         for module, done in zip(modules, pool.map(check, modules)):
@@ -459,8 +482,11 @@ def test_every_celery_and_fd_celery_subcommand_named_exists(services, dockerfile
         path, _ = inv.subcommand()
         assert path, f"{inv.where}: {inv.argv} names no subcommand"
         module = inv.app_module()
-        prefix = ("-m", "celery", "-A", module) if inv.program == "celery" and module else (
-            ("-m", "celery") if inv.program == "celery" else ("-m", "fd_celery.cli.main"))
+        prefix = (
+            ("-m", "celery", "-A", module)
+            if inv.program == "celery" and module
+            else (("-m", "celery") if inv.program == "celery" else ("-m", "fd_celery.cli.main"))
+        )
         checks.setdefault((*prefix, *path), []).append(inv)
 
     def run_help(args: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
@@ -554,7 +580,9 @@ def test_dockerfile_installs_torch_first_then_the_package_with_its_extras(docker
     assert args.get("TORCH_SPEC") == "torch==2.13.0"
     assert args.get("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
     runs = [(i, a) for i, (w, a) in enumerate(dockerfile) if w == "RUN"]
-    torch_at = [i for i, a in runs if "pip install" in a and "${TORCH_SPEC}" in a and "${TORCH_INDEX_URL}" in a]
+    torch_at = [
+        i for i, a in runs if "pip install" in a and "${TORCH_SPEC}" in a and "${TORCH_INDEX_URL}" in a
+    ]
     package_at = [i for i, a in runs if re.search(r"pip install [\"']?\.\[", a)]
     assert torch_at and package_at, "a RUN for torch and a RUN for the package"
     assert torch_at[0] < package_at[0], "torch must be installed before the package"
@@ -583,8 +611,17 @@ def test_dockerfile_documents_a_cuda_variant():
 
 def test_docker_readme_covers_build_run_cpu_cuda_flower_and_security():
     text = DOCKER_README.read_text().lower()
-    for word in ("docker build", "docker compose", "cuda", "cpu", "flower", "5555", "basic auth",
-                 "fd_scheduler_password", "do not publish redis"):
+    for word in (
+        "docker build",
+        "docker compose",
+        "cuda",
+        "cpu",
+        "flower",
+        "5555",
+        "basic auth",
+        "fd_scheduler_password",
+        "do not publish redis",
+    ):
         assert word in text, word
 
 
@@ -594,15 +631,35 @@ def test_docker_readme_covers_build_run_cpu_cuda_flower_and_security():
 @pytest.fixture
 def client_env(redis_server, cluster) -> Iterator[dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FD_")}
-    env.update(FD_SCHEDULER_HOST="127.0.0.1", FD_SCHEDULER_PORT=str(redis_server.port),
-               FD_SCHEDULER_TOPIC=TOPIC, PYTHONUNBUFFERED="1")
+    env.update(
+        FD_SCHEDULER_HOST="127.0.0.1",
+        FD_SCHEDULER_PORT=str(redis_server.port),
+        FD_SCHEDULER_TOPIC=TOPIC,
+        PYTHONUNBUFFERED="1",
+    )
     yield env
 
 
 def test_the_client_script_runs_against_a_real_cluster(client_env, node):
-    done = subprocess.run([sys.executable, str(DOCKER / "client.py"), "--requests", "2", "--max-tokens", "8",
-                           "--wait", "30", "--timeout", "60"],
-                          env=client_env, cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(DOCKER / "client.py"),
+            "--requests",
+            "2",
+            "--max-tokens",
+            "8",
+            "--wait",
+            "30",
+            "--timeout",
+            "60",
+        ],
+        env=client_env,
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2/2 requests succeeded" in done.stdout
     assert f"served_by={node}" in done.stdout

@@ -75,8 +75,9 @@ def _reference(engine: Any, spec: Spec) -> list[int]:
     return _REFERENCES[key]
 
 
-def _cluster(redis_server: RedisServer, topic: str, workers: Mapping[str, Mapping[str, str]],
-             **env: str) -> LocalCluster:
+def _cluster(
+    redis_server: RedisServer, topic: str, workers: Mapping[str, Mapping[str, str]], **env: str
+) -> LocalCluster:
     cluster = LocalCluster(redis_server, env={"FD_SCHEDULER_TOPIC": topic, **env})
     try:
         started = [cluster.add_worker(name, env=dict(worker_env)) for name, worker_env in workers.items()]
@@ -99,8 +100,16 @@ def _worker(cluster: LocalCluster, name: str) -> WorkerProcess:
 
 def _submit(client: fd_celery.Client, specs: list[Spec]) -> list[Outcome]:
     return [
-        Outcome(spec, client.submit(spec.prompt, max_tokens=spec.max_tokens, temperature=spec.temperature,
-                                    seed=spec.seed, node=spec.node))
+        Outcome(
+            spec,
+            client.submit(
+                spec.prompt,
+                max_tokens=spec.max_tokens,
+                temperature=spec.temperature,
+                seed=spec.seed,
+                node=spec.node,
+            ),
+        )
         for spec in specs
     ]
 
@@ -153,7 +162,9 @@ def _check_exactly_once(r: redis.Redis, topic: str, engine: Any, outcomes: list[
             if not entries:
                 problems.append(f"{rid}: completed without an output stream")
             if list(o.result.token_ids) != reference:
-                problems.append(f"{rid}: result tokens differ from the reference (served by {o.result.served_by})")
+                problems.append(
+                    f"{rid}: result tokens differ from the reference (served by {o.result.served_by})"
+                )
             if streamed != list(o.result.token_ids):
                 problems.append(
                     f"{rid}: the caller's stream ({len(streamed)} tokens) differs from the result "
@@ -166,18 +177,32 @@ def _check_exactly_once(r: redis.Redis, topic: str, engine: Any, outcomes: list[
             if not isinstance(o.error, FDCeleryError) or not o.error.message:
                 problems.append(f"{rid}: unclear error {o.error!r}")
             if streamed != reference[: len(streamed)]:
-                problems.append(f"{rid}: failed after showing output that is not the reference (mixed output)")
+                problems.append(
+                    f"{rid}: failed after showing output that is not the reference (mixed output)"
+                )
     assert not problems, "\n".join(problems)
-    return {"requests": len(outcomes), "completed": completed, "failed": dict(failed), "lost": 0,
-            "duplicated": duplicated}
+    return {
+        "requests": len(outcomes),
+        "completed": completed,
+        "failed": dict(failed),
+        "lost": 0,
+        "duplicated": duplicated,
+    }
 
 
 def _meta(app: Celery, request_id: str) -> dict[str, Any]:
     return app.backend.get_task_meta(request_id)
 
 
-def _wait_running_on(client: fd_celery.Client, r: redis.Redis, topic: str, outcomes: list[Outcome], node: str,
-                     min_entries: int, timeout_s: float = 60) -> Outcome:
+def _wait_running_on(
+    client: fd_celery.Client,
+    r: redis.Redis,
+    topic: str,
+    outcomes: list[Outcome],
+    node: str,
+    min_entries: int,
+    timeout_s: float = 60,
+) -> Outcome:
     """A request that ``node`` is running now, with at least ``min_entries`` stream entries and no
     end (``min_entries`` = 0: started, nothing written yet)."""
     deadline = time.monotonic() + timeout_s
@@ -185,7 +210,11 @@ def _wait_running_on(client: fd_celery.Client, r: redis.Redis, topic: str, outco
         for o in outcomes:
             meta = _meta(client.app, o.handle.request_id)
             info = meta.get("result")
-            if meta.get("status") != states.STARTED or not isinstance(info, dict) or info.get("hostname") != node:
+            if (
+                meta.get("status") != states.STARTED
+                or not isinstance(info, dict)
+                or info.get("hostname") != node
+            ):
                 continue
             entries = _stream_entries(r, topic, o.handle.request_id)
             if any(f.get(b"end") for _, f in entries):
@@ -196,8 +225,9 @@ def _wait_running_on(client: fd_celery.Client, r: redis.Redis, topic: str, outco
     raise AssertionError(f"no request was running on {node} within {timeout_s}s")
 
 
-def _kill_and_follow(victim: WorkerProcess, r: redis.Redis, topic: str, engine: Any,
-                     outcomes: list[Outcome]) -> tuple[float, dict[str, Any]]:
+def _kill_and_follow(
+    victim: WorkerProcess, r: redis.Redis, topic: str, engine: Any, outcomes: list[Outcome]
+) -> tuple[float, dict[str, Any]]:
     """kill -9 ``victim``'s process group, read every request as its caller does, check each
     completed once or failed clearly: (seconds from the kill until the last ended, figures)."""
     victim.signal(signal.SIGKILL)
@@ -264,16 +294,28 @@ def test_kill9_before_the_node_listed_its_request(redis_server, engine):
     broker's visibility timeout (scheduler_ttl + 1 h) but found in kombu's unacked messages of the
     dead node's own queue, and finished elsewhere, exactly once."""
     topic = f"fku-{uuid.uuid4().hex[:6]}"
-    with _cluster(redis_server, topic, {"a": {}, "b": {}}, FD_SCHEDULER_NAME="global",
-                  FD_SCHEDULER_SYNC_PERIOD="6000", FD_SCHEDULER_EXPIRE_PERIOD="8000") as cluster:
+    with _cluster(
+        redis_server,
+        topic,
+        {"a": {}, "b": {}},
+        FD_SCHEDULER_NAME="global",
+        FD_SCHEDULER_SYNC_PERIOD="6000",
+        FD_SCHEDULER_EXPIRE_PERIOD="8000",
+    ) as cluster:
         a, b = _worker(cluster, "a"), _worker(cluster, "b")
         r = redis_server.client()
-        client = _client(redis_server.port, topic, scheduler_name="global", scheduler_sync_period=6000,
-                         scheduler_expire_period=8000)
+        client = _client(
+            redis_server.port,
+            topic,
+            scheduler_name="global",
+            scheduler_sync_period=6000,
+            scheduler_expire_period=8000,
+        )
         outcomes = _submit(client, [Spec("die before listing it", 200, 0.8, 3, a.node)])
         victim = _wait_running_on(client, r, topic, outcomes, a.node, min_entries=1)
-        assert r.hget(keys.node_hash(topic, a.node), recovery.HELD_FIELD) in (None, b"[]"), \
+        assert r.hget(keys.node_hash(topic, a.node), recovery.HELD_FIELD) in (None, b"[]"), (
             "the node listed its request already: this test needs it to die first"
+        )
         recovered_s, figures = _kill_and_follow(a, r, topic, engine, outcomes)
         assert figures["completed"] == 1, f"the request failed: {figures}"
         assert victim.result is not None and victim.result.served_by[0] == b.node
@@ -288,9 +330,12 @@ def test_kill9_splitwise_prefill_node_mid_prefill(redis_server, engine):
     """kill -9 of a prefill node while it prefills, with more prefills queued on it: the other
     prefill node takes its orphans, and every request completes exactly once."""
     topic = f"fkp-{uuid.uuid4().hex[:6]}"
-    with _cluster(redis_server, topic, {"p1": {"FD_ROLE": "prefill"}, "p2": {"FD_ROLE": "prefill"},
-                                        "d1": {"FD_ROLE": "decode"}},
-                  FD_SCHEDULER_NAME="splitwise") as cluster:
+    with _cluster(
+        redis_server,
+        topic,
+        {"p1": {"FD_ROLE": "prefill"}, "p2": {"FD_ROLE": "prefill"}, "d1": {"FD_ROLE": "decode"}},
+        FD_SCHEDULER_NAME="splitwise",
+    ) as cluster:
         p1, p2 = _worker(cluster, "p1"), _worker(cluster, "p2")
         client = _client(redis_server.port, topic, scheduler_name="splitwise")
         specs = [Spec(f"{i}: {LONG_PROMPT}", 24, 0.5, 10 + i, p1.node) for i in range(6)]
@@ -300,17 +345,25 @@ def test_kill9_splitwise_prefill_node_mid_prefill(redis_server, engine):
         assert figures["completed"] == len(specs), f"requests failed: {figures}"
         served = collections.Counter(o.result.served_by[0] for o in outcomes if o.result)
         assert served[p2.node] >= 1, f"p2 took none of p1's requests: {served}"
-        _report("kill -9 splitwise prefill node", faults=1, recovered_s=round(recovered_s, 1),
-                prefill_served_by=dict(served), **figures)
+        _report(
+            "kill -9 splitwise prefill node",
+            faults=1,
+            recovered_s=round(recovered_s, 1),
+            prefill_served_by=dict(served),
+            **figures,
+        )
 
 
 def test_kill9_splitwise_decode_node_mid_decode(redis_server, engine):
     """kill -9 of a decode node while it decodes (two decode nodes, requests spread over both):
     its decode comes back and is finished by the other one, exactly once."""
     topic = f"fkd-{uuid.uuid4().hex[:6]}"
-    with _cluster(redis_server, topic, {"p1": {"FD_ROLE": "prefill"}, "d1": {"FD_ROLE": "decode"},
-                                        "d2": {"FD_ROLE": "decode"}},
-                  FD_SCHEDULER_NAME="splitwise") as cluster:
+    with _cluster(
+        redis_server,
+        topic,
+        {"p1": {"FD_ROLE": "prefill"}, "d1": {"FD_ROLE": "decode"}, "d2": {"FD_ROLE": "decode"}},
+        FD_SCHEDULER_NAME="splitwise",
+    ) as cluster:
         d1, d2 = _worker(cluster, "d1"), _worker(cluster, "d2")
         client = _client(redis_server.port, topic, scheduler_name="splitwise")
         r = redis_server.client()
@@ -319,8 +372,12 @@ def test_kill9_splitwise_decode_node_mid_decode(redis_server, engine):
         deadline = time.monotonic() + 60
         while True:  # d1 holds a decode, and some decode is mid-stream
             running = r.hget(keys.node_hash(topic, d1.node), "running")
-            mid = [o for o in outcomes if 5 <= len(_stream_entries(r, topic, o.handle.request_id)) < 300
-                   and not r.xrevrange(keys.output_stream(topic, o.handle.request_id), count=1)[0][1].get(b"end")]
+            mid = [
+                o
+                for o in outcomes
+                if 5 <= len(_stream_entries(r, topic, o.handle.request_id)) < 300
+                and not r.xrevrange(keys.output_stream(topic, o.handle.request_id), count=1)[0][1].get(b"end")
+            ]
             if running is not None and int(running) >= 1 and mid:
                 break
             assert time.monotonic() < deadline, "no decode was running on d1 within 60s"
@@ -329,8 +386,13 @@ def test_kill9_splitwise_decode_node_mid_decode(redis_server, engine):
         assert figures["completed"] == len(specs), f"requests failed: {figures}"
         decoded = collections.Counter(o.result.served_by[-1] for o in outcomes if o.result)
         assert decoded[d2.node] >= 1
-        _report("kill -9 splitwise decode node", faults=1, recovered_s=round(recovered_s, 1),
-                decode_served_by=dict(decoded), **figures)
+        _report(
+            "kill -9 splitwise decode node",
+            faults=1,
+            recovered_s=round(recovered_s, 1),
+            decode_served_by=dict(decoded),
+            **figures,
+        )
 
 
 # --------------------------------------------------------------------------- SIGSTOP
@@ -343,8 +405,14 @@ def test_sigstop_past_expire_period_then_sigcont(redis_server, engine, visibilit
     freeze, the frozen node's running request is also delivered again and runs twice. After
     SIGCONT no caller sees duplicated or mixed output."""
     topic = f"fs-{uuid.uuid4().hex[:6]}"
-    with _cluster(redis_server, topic, {"a": {}, "b": {}}, FD_SCHEDULER_NAME="global",
-                  FD_SCHEDULER_MIN_LOAD_SCORE="100", FD_VISIBILITY_TIMEOUT_S=str(visibility_s)) as cluster:
+    with _cluster(
+        redis_server,
+        topic,
+        {"a": {}, "b": {}},
+        FD_SCHEDULER_NAME="global",
+        FD_SCHEDULER_MIN_LOAD_SCORE="100",
+        FD_VISIBILITY_TIMEOUT_S=str(visibility_s),
+    ) as cluster:
         a, b = _worker(cluster, "a"), _worker(cluster, "b")
         client = _client(redis_server.port, topic, scheduler_name="global", scheduler_min_load_score=100)
         r = redis_server.client()
@@ -373,12 +441,18 @@ def test_sigstop_past_expire_period_then_sigcont(redis_server, engine, visibilit
         figures = _check_exactly_once(r, topic, engine, outcomes)
         assert served_while_stopped, f"nobody served the frozen node's queue in {stopped_s:.1f}s"
         by_id = {o.handle.request_id: o for o in outcomes}
-        assert all(by_id[rid].result and by_id[rid].result.served_by[0] == b.node for rid in served_while_stopped)
+        assert all(
+            by_id[rid].result and by_id[rid].result.served_by[0] == b.node for rid in served_while_stopped
+        )
         assert figures["completed"] == len(specs), f"requests failed: {figures}"
         assert a.alive() and b.alive()
-        _report(f"SIGSTOP {stopped_s:.1f}s (visibility {visibility_s}s)", faults=1,
-                served_by_others_while_stopped=len(served_while_stopped),
-                frozen_request_served_by=list(frozen.result.served_by) if frozen.result else None, **figures)
+        _report(
+            f"SIGSTOP {stopped_s:.1f}s (visibility {visibility_s}s)",
+            faults=1,
+            served_by_others_while_stopped=len(served_while_stopped),
+            frozen_request_served_by=list(frozen.result.served_by) if frozen.result else None,
+            **figures,
+        )
         # the node is serving again after SIGCONT
         after = client.submit("after the freeze", max_tokens=4, seed=1, node=a.node).result(timeout=60)
         assert after.served_by[0] == a.node
@@ -406,8 +480,10 @@ def test_redis_restart_under_load(engine):
     local scheduler's submit is in test_submit_while_redis_is_down_fails_fast)."""
     server = RedisServer(appendonly=True).start()
     topic = run_topic("rr")
-    cluster = LocalCluster(server, env={"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "global",
-                                        "FD_VISIBILITY_TIMEOUT_S": "5"})
+    cluster = LocalCluster(
+        server,
+        env={"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "global", "FD_VISIBILITY_TIMEOUT_S": "5"},
+    )
     try:
         workers = [cluster.add_worker("a"), cluster.add_worker("b")]
         cluster.wait_live([w.node for w in workers], topic=topic)
@@ -422,7 +498,11 @@ def test_redis_restart_under_load(engine):
         while not any(r.exists(keys.output_stream(topic, o.handle.request_id)) for o in outcomes):
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        queued = {o.handle.request_id for o in outcomes if not r.exists(keys.output_stream(topic, o.handle.request_id))}
+        queued = {
+            o.handle.request_id
+            for o in outcomes
+            if not r.exists(keys.output_stream(topic, o.handle.request_id))
+        }
         answers: dict[str, tuple[float | None, BaseException | None]] = {}
 
         def while_down() -> None:
@@ -439,12 +519,21 @@ def test_redis_restart_under_load(engine):
             _follow(o, timeout_s=90)
         recovered_s = time.monotonic() - restarted_at
         figures = _check_exactly_once(server.client(), topic, engine, outcomes)
-        _report("Redis restart (SIGTERM, AOF, down >= 3s)", faults=1, queued_at_stop=len(queued),
-                recovered_s=round(recovered_s, 1),
-                **{f"{k}_answers_in_s": (round(v[0], 3) if v[0] is not None else f"hang>{OUTAGE_CAP_S}")
-                   for k, v in answers.items()},
-                **{f"{k}_error": type(v[1]).__name__ for k, v in answers.items()}, **figures)
-        lost = [o.handle.request_id for o in outcomes if o.handle.request_id in queued and o.error is not None]
+        _report(
+            "Redis restart (SIGTERM, AOF, down >= 3s)",
+            faults=1,
+            queued_at_stop=len(queued),
+            recovered_s=round(recovered_s, 1),
+            **{
+                f"{k}_answers_in_s": (round(v[0], 3) if v[0] is not None else f"hang>{OUTAGE_CAP_S}")
+                for k, v in answers.items()
+            },
+            **{f"{k}_error": type(v[1]).__name__ for k, v in answers.items()},
+            **figures,
+        )
+        lost = [
+            o.handle.request_id for o in outcomes if o.handle.request_id in queued and o.error is not None
+        ]
         assert not lost, f"requests queued before the restart did not complete: {lost}"
         # new work flows again through both clients
         for c in (client, local_client):
@@ -468,8 +557,10 @@ def test_redis_blip_mid_stream_loses_no_chunk(engine):
     gap that the stream's caller skipped while the result had every token."""
     server = RedisServer(appendonly=True).start()
     topic = run_topic("blip")
-    cluster = LocalCluster(server, env={"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "global",
-                                        "FD_VISIBILITY_TIMEOUT_S": "5"})
+    cluster = LocalCluster(
+        server,
+        env={"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "global", "FD_VISIBILITY_TIMEOUT_S": "5"},
+    )
     try:
         worker = cluster.add_worker("w")
         cluster.wait_live([worker.node], topic=topic)
@@ -485,10 +576,15 @@ def test_redis_blip_mid_stream_loses_no_chunk(engine):
         entries = _stream_entries(server.client(), topic, outcomes[0].handle.request_id)
         seqs = [seq for seq, _ in entries]
         gaps = [(x, y) for x, y in zip(seqs, seqs[1:]) if y != x + 1]
-        _report("Redis blip (0.3 s) mid-stream", faults=1, entries=len(entries), gaps=gaps[:3],
-                streamed_tokens=sum(len(c.token_ids) for c in outcomes[0].chunks),
-                result_tokens=len(outcomes[0].result.token_ids) if outcomes[0].result else None,
-                error=type(outcomes[0].error).__name__ if outcomes[0].error else None)
+        _report(
+            "Redis blip (0.3 s) mid-stream",
+            faults=1,
+            entries=len(entries),
+            gaps=gaps[:3],
+            streamed_tokens=sum(len(c.token_ids) for c in outcomes[0].chunks),
+            result_tokens=len(outcomes[0].result.token_ids) if outcomes[0].result else None,
+            error=type(outcomes[0].error).__name__ if outcomes[0].error else None,
+        )
         _check_exactly_once(server.client(), topic, engine, outcomes)
     finally:
         cluster.close()
@@ -515,9 +611,11 @@ def test_submit_while_redis_is_down_fails_fast(scheduler, state):
         client.submit("before the outage", max_tokens=2)  # stays queued: no worker
         server.stop()
     elapsed, exc = _call_with_cap(lambda: client.submit("nobody home", max_tokens=2), DOWN_SUBMIT_CAP_S)
-    _report(f"submit with Redis down ({scheduler}, {state} client)",
-            answers_in_s=round(elapsed, 3) if elapsed is not None else f"no answer in {DOWN_SUBMIT_CAP_S}s",
-            error=type(exc).__name__ if exc else None)
+    _report(
+        f"submit with Redis down ({scheduler}, {state} client)",
+        answers_in_s=round(elapsed, 3) if elapsed is not None else f"no answer in {DOWN_SUBMIT_CAP_S}s",
+        error=type(exc).__name__ if exc else None,
+    )
     assert elapsed is not None, f"submit gave no answer within {DOWN_SUBMIT_CAP_S}s"
     assert isinstance(exc, BrokerUnavailable), f"got {exc!r}"
     assert f"127.0.0.1:{port}" in str(exc)
@@ -534,14 +632,17 @@ def test_steal_storm(redis_server):
     request completes exactly once from the caller's view."""
     topic = f"storm-{uuid.uuid4().hex[:6]}"
     names = ["busy", "t1", "t2", "t3", "t4"]
-    with _cluster(redis_server, topic, {n: {} for n in names}, FD_SCHEDULER_NAME="global",
-                  FD_MODEL="bench-sleep:2") as cluster:
+    with _cluster(
+        redis_server, topic, {n: {} for n in names}, FD_SCHEDULER_NAME="global", FD_MODEL="bench-sleep:2"
+    ) as cluster:
         busy = _worker(cluster, "busy")
         client = _client(redis_server.port, topic, scheduler_name="global")
         r = redis_server.client()
         started = time.monotonic()
-        handles = [client.submit(f"storm {i}", max_tokens=1 + i % 3, seed=i, node=busy.node)
-                   for i in range(STORM_REQUESTS)]
+        handles = [
+            client.submit(f"storm {i}", max_tokens=1 + i % 3, seed=i, node=busy.node)
+            for i in range(STORM_REQUESTS)
+        ]
         submitted_s = time.monotonic() - started
         deadline = started + 240
         results: list[GenerationResult] = []
@@ -566,8 +667,9 @@ def test_steal_storm(redis_server):
         for i, (rid, entries, res) in enumerate(zip(ids, pipe.execute(), results)):
             seqs = [int(eid.split(b"-")[1]) - 1 for eid, _ in entries]
             ends = [f.get(b"end") for _, f in entries].count(b"1")
-            chunk_tokens = [t for _, f in entries if not f.get(b"end")
-                            for t in json.loads(f[b"d"])["token_ids"]]
+            chunk_tokens = [
+                t for _, f in entries if not f.get(b"end") for t in json.loads(f[b"d"])["token_ids"]
+            ]
             if seqs != list(range(len(seqs))) or ends != 1 or len(res.token_ids) != 1 + i % 3:
                 bad.append(f"{rid}: seqs {seqs}, {ends} ends, {len(res.token_ids)} tokens")
             elif entries[-1][1].get(b"end") != b"1":
@@ -582,8 +684,16 @@ def test_steal_storm(redis_server):
         assert sum(v for k, v in steals.items() if k.endswith(":made")) == stolen
         assert steals.get(f"{busy.node}:suffered", 0) == stolen
         assert stolen > 0 and len(served) == len(names), f"the thieves did not steal: {served}"
-        _report("steal storm", requests=STORM_REQUESTS, completed=len(results), lost=0, duplicated=0,
-                submit_s=round(submitted_s, 1), total_s=round(elapsed_s, 1),
-                rate_per_s=round(STORM_REQUESTS / elapsed_s), stolen=stolen,
-                served_by={k.split("@")[0]: v for k, v in served.items()},
-                steals={k.split("@")[0] + ":" + k.rsplit(":", 1)[1]: v for k, v in steals.items()})
+        _report(
+            "steal storm",
+            requests=STORM_REQUESTS,
+            completed=len(results),
+            lost=0,
+            duplicated=0,
+            submit_s=round(submitted_s, 1),
+            total_s=round(elapsed_s, 1),
+            rate_per_s=round(STORM_REQUESTS / elapsed_s),
+            stolen=stolen,
+            served_by={k.split("@")[0]: v for k, v in served.items()},
+            steals={k.split("@")[0] + ":" + k.rsplit(":", 1)[1]: v for k, v in steals.items()},
+        )

@@ -75,8 +75,12 @@ class Flower:
 
 def _env(redis_port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FD_", "FLOWER_", "CELERY_"))}
-    env.update(FD_SCHEDULER_HOST="127.0.0.1", FD_SCHEDULER_PORT=str(redis_port), FD_SCHEDULER_TOPIC=TOPIC,
-               PYTHONUNBUFFERED="1")
+    env.update(
+        FD_SCHEDULER_HOST="127.0.0.1",
+        FD_SCHEDULER_PORT=str(redis_port),
+        FD_SCHEDULER_TOPIC=TOPIC,
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -88,14 +92,28 @@ def flower(redis_server, cluster) -> Iterator[Flower]:
     port = free_port()
     log_path = tempfile.mkstemp(prefix="fd-flower-", suffix=".log")[1]
     command = [
-        sys.executable, "-m", "celery", "-A", "workers.mixed", "flower",
-        f"--port={port}", "--address=127.0.0.1", f"--basic-auth={AUTH[0]}:{AUTH[1]}",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.mixed",
+        "flower",
+        f"--port={port}",
+        "--address=127.0.0.1",
+        f"--basic-auth={AUTH[0]}:{AUTH[1]}",
     ]
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, env=_env(redis_server.port), cwd=REPO, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            env=_env(redis_server.port),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     running = Flower(port, process, log_path)
     try:
+
         def answers() -> bool:
             assert process.poll() is None, f"Flower exited at start:\n{running.log()}"
             with contextlib.suppress(OSError):
@@ -118,7 +136,11 @@ def flower(redis_server, cluster) -> Iterator[Flower]:
 def _celery_control(redis_port: int, command: str, node: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "workers.mixed", "control", command, "-d", node, "-t", "5"],
-        env=_env(redis_port), cwd=REPO, capture_output=True, text=True, timeout=60,
+        env=_env(redis_port),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
 
@@ -138,8 +160,12 @@ def test_flower_requires_the_basic_auth_login(flower):
 
 
 def test_flower_api_lists_the_node_with_its_fd_stats(flower, node):
-    workers = wait_until(lambda: _workers_with_fd_stats(flower, node), 30,
-                         f"{node} with an fd section in /api/workers", POLL_INTERVAL_S)
+    workers = wait_until(
+        lambda: _workers_with_fd_stats(flower, node),
+        30,
+        f"{node} with an fd section in /api/workers",
+        POLL_INTERVAL_S,
+    )
     fd = workers[node]["stats"]["fd"]
     assert fd["node"] == node
     assert fd["role"] == "mixed"
@@ -184,8 +210,12 @@ def events_worker(cluster) -> Iterator[WorkerProcess]:
         wait_until(joined, 60, f"{worker.node} to join the registry", POLL_INTERVAL_S)
         # The node joins the registry before its consumer (remote control included) is up.
         app = make_app(cluster.redis, scheduler_topic=EVENTS_TOPIC)
-        wait_until(lambda: app.control.ping(destination=[worker.node], timeout=0.5), 30,
-                   f"{worker.node} to answer a ping", interval_s=0)
+        wait_until(
+            lambda: app.control.ping(destination=[worker.node], timeout=0.5),
+            30,
+            f"{worker.node} to answer a ping",
+            interval_s=0,
+        )
         yield worker
     finally:
         worker.stop()
@@ -236,10 +266,20 @@ def _chromium() -> str | None:
 def _run_chromium(binary: str, args: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
     with tempfile.TemporaryDirectory(prefix="fd-chromium-") as profile:
         command = [
-            binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--no-first-run", "--disable-quic", "--hide-scrollbars", f"--user-data-dir={profile}",
-            "--virtual-time-budget=3000", *args,
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-quic",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=3000",
+            *args,
         ]
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
 
@@ -248,8 +288,12 @@ def test_flower_worker_page_shows_the_fd_section_in_chromium(flower, node):
     binary = _chromium()
     if binary is None:
         pytest.skip("no chromium binary: apt-get install -y chromium chromium-driver")
-    wait_until(lambda: _workers_with_fd_stats(flower, node), 30, f"{node} with an fd section in /api/workers",
-               POLL_INTERVAL_S)
+    wait_until(
+        lambda: _workers_with_fd_stats(flower, node),
+        30,
+        f"{node} with an fd section in /api/workers",
+        POLL_INTERVAL_S,
+    )
 
     # Basic auth in the URL: Chromium sends it for this top-level navigation and its same-origin
     # loads. `#tab-other` opens the tab where Flower lists non-standard stats such as `fd`.
@@ -272,8 +316,9 @@ def test_flower_worker_page_shows_the_fd_section_in_chromium(flower, node):
     assert "'model': 'fd-tiny'" in fd_text and "'role': 'mixed'" in fd_text
     assert f"fd.{TOPIC}.mixed" in fd_text and node in fd_text
     # The Other tab is the one shown (so the screenshot shows the fd section).
-    assert re.search(r'id="tab-other"[^>]*class="[^"]*\bactive\b|class="[^"]*\bactive\b[^"]*"[^>]*id="tab-other"',
-                     page), "the Other tab is not the active one"
+    assert re.search(
+        r'id="tab-other"[^>]*class="[^"]*\bactive\b|class="[^"]*\bactive\b[^"]*"[^>]*id="tab-other"', page
+    ), "the Other tab is not the active one"
 
     assert shot.returncode == 0, shot.stderr[-2000:]
     assert png.is_file() and png.stat().st_size > 10_000

@@ -45,10 +45,15 @@ def _names_over_shards(count: int) -> list[str]:
 
 
 def _cluster(redis_server: RedisServer, topic: str, names: list[str], **env: str) -> LocalCluster:
-    cluster = LocalCluster(redis_server, env={
-        "FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "global",
-        "FD_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S), **env,
-    })
+    cluster = LocalCluster(
+        redis_server,
+        env={
+            "FD_SCHEDULER_TOPIC": topic,
+            "FD_SCHEDULER_NAME": "global",
+            "FD_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
+            **env,
+        },
+    )
     try:
         workers = [cluster.add_worker(name) for name in names]
         cluster.wait_live([w.node for w in workers], topic=topic)
@@ -60,8 +65,13 @@ def _cluster(redis_server: RedisServer, topic: str, names: list[str], **env: str
 
 @pytest.fixture(scope="module")
 def g1(redis_server: RedisServer) -> Iterator[LocalCluster]:
-    cluster = _cluster(redis_server, G1, _names_over_shards(4), FD_SCHEDULER_MIN_LOAD_SCORE="1",
-                       FD_SCHEDULER_LOAD_SHARDS_NUM=str(SHARDS))
+    cluster = _cluster(
+        redis_server,
+        G1,
+        _names_over_shards(4),
+        FD_SCHEDULER_MIN_LOAD_SCORE="1",
+        FD_SCHEDULER_LOAD_SHARDS_NUM=str(SHARDS),
+    )
     yield cluster
     cluster.close()
 
@@ -75,8 +85,9 @@ def g2(redis_server: RedisServer, g1: LocalCluster) -> Iterator[LocalCluster]:
 
 def _client(redis_server: RedisServer, topic: str, **overrides: object) -> fd_celery.Client:
     app = Celery(f"client-{topic}", set_as_current=False)
-    fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=topic,
-                      scheduler_name="global", **overrides)
+    fd_celery.install(
+        app, scheduler_port=redis_server.port, scheduler_topic=topic, scheduler_name="global", **overrides
+    )
     return fd_celery.Client(app)
 
 
@@ -98,8 +109,9 @@ def test_busy_node_is_stolen_from_and_every_request_completes_once(redis_server,
     client = _client(redis_server, G1, scheduler_min_load_score=1)
     target = g1.workers[0].node
     before = _steal_counts(redis_server, G1)
-    handles = [client.submit("steal me", max_tokens=80, seed=i, temperature=0.7, node=target)
-               for i in range(16)]
+    handles = [
+        client.submit("steal me", max_tokens=80, seed=i, temperature=0.7, node=target) for i in range(16)
+    ]
     results = [h.result(timeout=180) for h in handles]
 
     served = collections.Counter(r.served_by[0] for r in results)
@@ -122,8 +134,9 @@ def test_load_table_spans_shards_and_placement_spreads_requests(redis_server, g1
     in_shards = [r.zcard(k) for k in loadtable.shard_keys(config, "mixed")]
     assert all(n >= 1 for n in in_shards), f"a shard is empty: {in_shards}"
     client = _client(redis_server, G1, scheduler_load_shards_num=SHARDS, scheduler_min_load_score=100)
-    results = [h.result(timeout=120) for h in
-               [client.submit("spread", max_tokens=40, seed=i) for i in range(12)]]
+    results = [
+        h.result(timeout=120) for h in [client.submit("spread", max_tokens=40, seed=i) for i in range(12)]
+    ]
     placed = collections.Counter(r.served_by[0] for r in results)
     assert len(placed) == len(g1.workers), f"placement by load left nodes idle: {placed}"
 
@@ -132,8 +145,10 @@ def test_no_steals_below_min_load_score_and_none_across_topics(redis_server, g1,
     client = _client(redis_server, G2, scheduler_min_load_score=100)
     target = g2.workers[0].node
     before = _steal_counts(redis_server, G2)
-    results = [h.result(timeout=180) for h in
-               [client.submit("mine", max_tokens=40, seed=i, node=target) for i in range(8)]]
+    results = [
+        h.result(timeout=180)
+        for h in [client.submit("mine", max_tokens=40, seed=i, node=target) for i in range(8)]
+    ]
     assert {r.served_by[0] for r in results} == {target}, "a node stole below min_load_score or across topics"
     assert not any(r.stolen for r in results)
     assert _steal_counts(redis_server, G2) == before
@@ -171,8 +186,12 @@ def test_dead_nodes_waiting_queue_is_drained_by_the_others(redis_server, g2, eng
     client = _client(redis_server, G2, scheduler_min_load_score=100)
     doomed, survivor = g2.workers
     handles = [client.submit("orphan", max_tokens=300, seed=i, node=doomed.node) for i in range(6)]
-    wait_until(lambda: handles[0].async_result.state == "STARTED", 60, "the doomed node's first request to start",
-               interval_s=0.01)
+    wait_until(
+        lambda: handles[0].async_result.state == "STARTED",
+        60,
+        "the doomed node's first request to start",
+        interval_s=0.01,
+    )
     doomed.signal(signal.SIGKILL)
 
     results = [h.result(timeout=120) for h in handles]

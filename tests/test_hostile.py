@@ -60,12 +60,17 @@ def _marker() -> str:
 # --------------------------------------------------------------------------- strategies
 
 JSON_SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
 )
 JSON_VALUES = st.recursive(
     JSON_SCALARS,
-    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=10,
 )
 
@@ -76,25 +81,40 @@ def prompts(marker: str) -> st.SearchStrategy[Any]:
     return st.one_of(
         st.text(max_size=30).map(lambda t: f"{marker} {t}"),
         st.sampled_from(["", " ", "\n\t "]),
-        st.integers(), st.floats(), st.binary(max_size=8), st.booleans(),
-        st.lists(st.text(max_size=5), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+        st.integers(),
+        st.floats(),
+        st.binary(max_size=8),
+        st.booleans(),
+        st.lists(st.text(max_size=5), max_size=3),
+        st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
     )
 
 
 # max_tokens: small valid values, and values the router or worker must refuse (a large valid
 # value would only make the test slow: 2049 and up exceed the model's context of 2048).
 MAX_TOKENS = st.one_of(
-    st.integers(-3, 6), st.integers(max_value=0), st.integers(min_value=MAX_TOKENS_LIMIT + 1),
-    st.integers(min_value=2049, max_value=MAX_TOKENS_LIMIT), st.floats(), st.text(max_size=5),
-    st.booleans(), st.none(),
+    st.integers(-3, 6),
+    st.integers(max_value=0),
+    st.integers(min_value=MAX_TOKENS_LIMIT + 1),
+    st.integers(min_value=2049, max_value=MAX_TOKENS_LIMIT),
+    st.floats(),
+    st.text(max_size=5),
+    st.booleans(),
+    st.none(),
 )
 TEMPERATURES = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 20), st.text(max_size=4), st.booleans(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-5, 20),
+    st.text(max_size=4),
+    st.booleans(),
 )
 SEEDS = st.one_of(st.integers(), st.floats(), st.text(max_size=4), st.booleans())
 TOKEN_IDS = st.one_of(
-    st.lists(st.integers(-3, 300), max_size=6), st.lists(JSON_SCALARS, max_size=3), st.text(max_size=4),
-    st.integers(), st.binary(max_size=4),
+    st.lists(st.integers(-3, 300), max_size=6),
+    st.lists(JSON_SCALARS, max_size=3),
+    st.text(max_size=4),
+    st.integers(),
+    st.binary(max_size=4),
 )
 
 
@@ -104,8 +124,12 @@ def nodes(live: str) -> st.SearchStrategy[Any]:
 
 def _field_strategies(marker: str, live: str) -> dict[str, st.SearchStrategy[Any]]:
     return {
-        "prompt": prompts(marker), "token_ids": TOKEN_IDS, "max_tokens": MAX_TOKENS,
-        "temperature": TEMPERATURES, "seed": SEEDS, "node": nodes(live),
+        "prompt": prompts(marker),
+        "token_ids": TOKEN_IDS,
+        "max_tokens": MAX_TOKENS,
+        "temperature": TEMPERATURES,
+        "seed": SEEDS,
+        "node": nodes(live),
     }
 
 
@@ -124,7 +148,9 @@ def request_kwargs(marker: str, live: str) -> st.SearchStrategy[dict[str, Any]]:
     # test_raw_kwarg_named_self_is_an_invalid_request).
     unknown_keys = st.text(min_size=1, max_size=10).filter(lambda k: k not in FIELDS and k != "self")
     unknown = st.dictionaries(unknown_keys, JSON_VALUES, max_size=2)
-    anything = st.tuples(st.fixed_dictionaries({}, optional=fields), unknown).map(lambda kv: {**kv[0], **kv[1]})
+    anything = st.tuples(st.fixed_dictionaries({}, optional=fields), unknown).map(
+        lambda kv: {**kv[0], **kv[1]}
+    )
     change = st.one_of(
         st.sampled_from(FIELDS).flatmap(lambda f: fields[f].map(lambda v: (f, v))),
         st.tuples(unknown_keys, JSON_VALUES),
@@ -169,7 +195,9 @@ def _served_or_refused(call: Any, max_tokens: Any) -> str:
     except ALLOWED:
         return "refused"
     except FDCeleryError as exc:
-        raise AssertionError(f"refused with {type(exc).__name__}, not InvalidRequest/NoNodeAvailable: {exc}") from None
+        raise AssertionError(
+            f"refused with {type(exc).__name__}, not InvalidRequest/NoNodeAvailable: {exc}"
+        ) from None
     token_ids = result["token_ids"] if isinstance(result, dict) else result.token_ids
     assert 1 <= len(token_ids) <= max_tokens
     return "served"
@@ -180,9 +208,11 @@ def test_submit_random_payloads(client, node, cluster):
     tally: dict[str, int] = {}
 
     @SETTINGS
-    @given(kwargs=request_kwargs(marker, node).map(lambda d: {k: v for k, v in d.items() if k in FIELDS}),
-           request_id=st.one_of(st.none(), st.text(max_size=12), st.integers()),
-           priority=st.one_of(st.none(), st.integers(-2, 12), st.text(max_size=2), st.booleans()))
+    @given(
+        kwargs=request_kwargs(marker, node).map(lambda d: {k: v for k, v in d.items() if k in FIELDS}),
+        request_id=st.one_of(st.none(), st.text(max_size=12), st.integers()),
+        priority=st.one_of(st.none(), st.integers(-2, 12), st.text(max_size=2), st.booleans()),
+    )
     @example(kwargs={"prompt": f"{marker} ok", "max_tokens": 3}, request_id=None, priority=None)
     @example(kwargs={"prompt": f"{marker} ok", "max_tokens": 2, "node": node}, request_id=None, priority=9)
     def run(kwargs: dict[str, Any], request_id: Any, priority: Any) -> None:
@@ -238,10 +268,22 @@ def _valid_ref_dict(kind: str = "redis", topic: str = "t1", request_id: str = "r
     name = f"{kvstore.SHM_PREFIX}{topic}-{request_id}-{token}"
     shapes = [[1, 2, 4, 8]] * 4
     return {
-        "kind": kind, "location": f"fd:{topic}:kv:{name}" if kind == "redis" else name, "topic": topic,
-        "request_id": request_id, "token": token, "dtype": "float32", "shapes": shapes, "num_tokens": 4,
-        "nbytes": 4 * 64 * 4, "checksum": "sx64:0:0", "owner": "p@h", "host": "h",
-        "expires_at": time.time() + 3600, "first_token": 5, "prompt_tokens": 4, "version": 1,
+        "kind": kind,
+        "location": f"fd:{topic}:kv:{name}" if kind == "redis" else name,
+        "topic": topic,
+        "request_id": request_id,
+        "token": token,
+        "dtype": "float32",
+        "shapes": shapes,
+        "num_tokens": 4,
+        "nbytes": 4 * 64 * 4,
+        "checksum": "sx64:0:0",
+        "owner": "p@h",
+        "host": "h",
+        "expires_at": time.time() + 3600,
+        "first_token": 5,
+        "prompt_tokens": 4,
+        "version": 1,
         **({"ipc": dict(CUDA_IPC)} if kind == "cuda" else {}),
     }
 
@@ -282,8 +324,24 @@ def _namespace_only(data: Any) -> None:
 REF_KEYS = st.one_of(st.sampled_from(sorted(_valid_ref_dict())), st.text(max_size=8))
 MUTATION_VALUES = st.one_of(
     JSON_VALUES,
-    st.sampled_from(["../x", "/etc/passwd", "/dev/shm/../../etc/passwd", "fd:other:kv:x", "fdkv-../../x",
-                     "..", "", "shm", "redis", "float16", "bfloat16", "int64", "object", "ab" * 16]),
+    st.sampled_from(
+        [
+            "../x",
+            "/etc/passwd",
+            "/dev/shm/../../etc/passwd",
+            "fd:other:kv:x",
+            "fdkv-../../x",
+            "..",
+            "",
+            "shm",
+            "redis",
+            "float16",
+            "bfloat16",
+            "int64",
+            "object",
+            "ab" * 16,
+        ]
+    ),
     st.lists(st.lists(st.integers(-2, 2**40), max_size=5), max_size=5),
 )
 
@@ -319,8 +377,6 @@ def test_kvref_never_escapes_its_namespace(data):
     _namespace_only(data)
 
 
-
-
 @settings(max_examples=300, deadline=None, phases=[Phase.explicit, Phase.generate])
 @given(data=st.one_of(ARBITRARY_REFS, mutated_refs()))
 @example(data={**_valid_ref_dict(), "dtype": []})
@@ -330,13 +386,16 @@ def test_kvref_arbitrary_and_mutated_dicts_raise_only_kvref_error(data):
     _from_dict(data)
 
 
-@pytest.mark.parametrize("change", [
-    pytest.param({"dtype": []}, id="dtype-list"),
-    pytest.param({"dtype": {"a": 1}}, id="dtype-dict"),
-    pytest.param({"expires_at": "soon"}, id="expires-at-text"),
-    pytest.param({"expires_at": None}, id="expires-at-null"),
-    pytest.param({"shapes": [[math.inf]]}, id="shape-infinite"),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"dtype": []}, id="dtype-list"),
+        pytest.param({"dtype": {"a": 1}}, id="dtype-dict"),
+        pytest.param({"expires_at": "soon"}, id="expires-at-text"),
+        pytest.param({"expires_at": None}, id="expires-at-null"),
+        pytest.param({"shapes": [[math.inf]]}, id="shape-infinite"),
+    ],
+)
 def test_kvref_wrong_types_are_kvref_errors(change):
     with pytest.raises(KVRefError):
         kvstore.KVRef.from_dict({**_valid_ref_dict(), **change})
@@ -399,9 +458,18 @@ def hostile_client(redis_server: RedisServer, hostile_cluster: LocalCluster) -> 
     return fd_celery.Client(app)
 
 
-def envelope(template: dict[str, Any], queue: str, *, body: bytes | None = None, payload: Any = None,
-             task: str = "fd.generate", content_type: str | None = None, kwargsrepr: str = "{}",
-             drop: tuple[str, ...] = (), properties: dict[str, Any] | None = None) -> tuple[str, bytes]:
+def envelope(
+    template: dict[str, Any],
+    queue: str,
+    *,
+    body: bytes | None = None,
+    payload: Any = None,
+    task: str = "fd.generate",
+    content_type: str | None = None,
+    kwargsrepr: str = "{}",
+    drop: tuple[str, ...] = (),
+    properties: dict[str, Any] | None = None,
+) -> tuple[str, bytes]:
     """(task id, the bytes kombu's Redis transport LPUSHes for a message to ``queue``)."""
     env = copy.deepcopy(template)
     task_id = str(uuid.uuid4())
@@ -433,8 +501,11 @@ def _not_base64(template: dict[str, Any], queue: str, marker: str) -> tuple[str,
 
 
 def _body(marker: str, **kwargs: Any) -> list[Any]:
-    return [[], {"prompt": marker, "max_tokens": 2, **kwargs}, {"callbacks": None, "errbacks": None,
-                                                                "chain": None, "chord": None}]
+    return [
+        [],
+        {"prompt": marker, "max_tokens": 2, **kwargs},
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+    ]
 
 
 def _assert_serves(client: fd_celery.Client, worker: WorkerProcess, timeout_s: float = 30) -> None:
@@ -458,10 +529,10 @@ def _last_critical(worker: WorkerProcess) -> str:
 
 
 # What a raw message in a node's queue comes to, besides the worker serving the next request:
-DEAD = "dead"        # refused unread: kept on the topic's dead-letter list, no result anywhere
+DEAD = "dead"  # refused unread: kept on the topic's dead-letter list, no result anywhere
 INVALID = "invalid"  # refused and dead-lettered, and its result fails with InvalidRequest
-CELERY = "celery"    # refused by Celery itself (unknown task, content type): a failed or no result
-SERVED = "served"    # a well-formed message: the request is served or refused as a request
+CELERY = "celery"  # refused by Celery itself (unknown task, content type): a failed or no result
+SERVED = "served"  # a well-formed message: the request is served or refused as a request
 
 
 def _raw_cases() -> list[Any]:
@@ -474,31 +545,66 @@ def _raw_cases() -> list[Any]:
         case("json-string", lambda t, q, m: (None, json.dumps(m).encode()), DEAD),
         case("json-null", lambda t, q, m: (None, b"null"), DEAD),
         case("json-empty-object", lambda t, q, m: (None, b"{}"), DEAD),
-        case("envelope-body-not-json", lambda t, q, m: envelope(t, q, body=b"\x00 not json " + m.encode(),
-                                                                 kwargsrepr=repr({"prompt": m})), CELERY),
+        case(
+            "envelope-body-not-json",
+            lambda t, q, m: envelope(
+                t, q, body=b"\x00 not json " + m.encode(), kwargsrepr=repr({"prompt": m})
+            ),
+            CELERY,
+        ),
         case("envelope-body-not-base64", _not_base64, DEAD),
-        case("envelope-unknown-body-encoding", lambda t, q, m: envelope(t, q, payload=_body(m),
-                                                                         properties={"body_encoding": "rot13"}), DEAD),
+        case(
+            "envelope-unknown-body-encoding",
+            lambda t, q, m: envelope(t, q, payload=_body(m), properties={"body_encoding": "rot13"}),
+            DEAD,
+        ),
         case("envelope-body-not-a-3-list", lambda t, q, m: envelope(t, q, payload={"prompt": m}), INVALID),
         case("envelope-body-4-list", lambda t, q, m: envelope(t, q, payload=[*_body(m), 1]), INVALID),
         case("kwargs-not-a-mapping", lambda t, q, m: envelope(t, q, payload=[[], [m], {}]), INVALID),
         case("args-not-a-list", lambda t, q, m: envelope(t, q, payload=[m, {}, {}]), INVALID),
-        case("valid-envelope-bad-request", lambda t, q, m: envelope(t, q, payload=_body(m, max_tokens="lots"),
-                                                                     kwargsrepr=repr({"prompt": m})), SERVED),
-        case("unknown-task-fd.nope", lambda t, q, m: envelope(t, q, payload=_body(m), task="fd.nope",
-                                                               kwargsrepr=repr({"prompt": m})), CELERY),
-        case("unknown-task-os.system", lambda t, q, m: envelope(t, q, payload=[[f"echo {m}"], {}, {}], task="os.system",
-                                                                 kwargsrepr="{}"), CELERY),
-        case("pickle-content-type", lambda t, q, m: envelope(t, q, body=_pickle_body(m),
-                                                              content_type="application/x-python-serialize"), CELERY),
-        case("envelope-without-headers", lambda t, q, m: envelope(t, q, payload=_body(m), drop=("headers",)), CELERY),
-        case("envelope-without-properties", lambda t, q, m: envelope(t, q, payload=_body(m), drop=("properties",)),
-             DEAD),
+        case(
+            "valid-envelope-bad-request",
+            lambda t, q, m: envelope(
+                t, q, payload=_body(m, max_tokens="lots"), kwargsrepr=repr({"prompt": m})
+            ),
+            SERVED,
+        ),
+        case(
+            "unknown-task-fd.nope",
+            lambda t, q, m: envelope(t, q, payload=_body(m), task="fd.nope", kwargsrepr=repr({"prompt": m})),
+            CELERY,
+        ),
+        case(
+            "unknown-task-os.system",
+            lambda t, q, m: envelope(
+                t, q, payload=[[f"echo {m}"], {}, {}], task="os.system", kwargsrepr="{}"
+            ),
+            CELERY,
+        ),
+        case(
+            "pickle-content-type",
+            lambda t, q, m: envelope(
+                t, q, body=_pickle_body(m), content_type="application/x-python-serialize"
+            ),
+            CELERY,
+        ),
+        case(
+            "envelope-without-headers",
+            lambda t, q, m: envelope(t, q, payload=_body(m), drop=("headers",)),
+            CELERY,
+        ),
+        case(
+            "envelope-without-properties",
+            lambda t, q, m: envelope(t, q, payload=_body(m), drop=("properties",)),
+            DEAD,
+        ),
     ]
 
 
 @pytest.mark.parametrize(("build", "outcome"), _raw_cases())
-def test_raw_message_in_node_queue(redis_server, hostile_worker, hostile_client, envelope_template, build, outcome):
+def test_raw_message_in_node_queue(
+    redis_server, hostile_worker, hostile_client, envelope_template, build, outcome
+):
     """Each raw message leaves the worker serving, its prompt out of the log, and the outcome a
     user (or operator) can see: a dead letter naming the queue and why, a failed result, or both."""
     marker = _marker()
@@ -512,7 +618,9 @@ def test_raw_message_in_node_queue(redis_server, hostile_worker, hostile_client,
     _assert_serves(hostile_client, hostile_worker)
     assert marker not in hostile_worker.log()[start:], "the bad message's prompt is in the worker's log"
     assert r.llen(queue) == 0, "the bad message is back in the queue"
-    assert not any(marker.encode() in raw for raw in r.hvals("unacked")), "kombu would restore the bad message"
+    assert not any(marker.encode() in raw for raw in r.hvals("unacked")), (
+        "kombu would restore the bad message"
+    )
     added = r.llen(dead_key) - dead_before
     if outcome in (DEAD, INVALID):
         assert added == 1, f"expected one dead letter, got {added}"
@@ -538,8 +646,9 @@ def test_random_raw_items_are_dead_lettered(redis_server, hostile_worker, hostil
     items = st.one_of(
         st.binary(min_size=0, max_size=64),
         JSON_VALUES.map(lambda v: json.dumps(v, allow_nan=True).encode()),
-        st.dictionaries(st.sampled_from(["body", "properties", "headers", "content-type"]), JSON_VALUES,
-                        max_size=4).map(lambda v: json.dumps(v, allow_nan=True).encode()),
+        st.dictionaries(
+            st.sampled_from(["body", "properties", "headers", "content-type"]), JSON_VALUES, max_size=4
+        ).map(lambda v: json.dumps(v, allow_nan=True).encode()),
     )
 
     @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
@@ -556,7 +665,9 @@ def test_random_raw_items_are_dead_lettered(redis_server, hostile_worker, hostil
     run()
 
 
-def test_raw_kwarg_named_self_is_an_invalid_request(redis_server, hostile_worker, hostile_client, envelope_template):
+def test_raw_kwarg_named_self_is_an_invalid_request(
+    redis_server, hostile_worker, hostile_client, envelope_template
+):
     """Regression: a field named 'self' used to collide with the bound task's own argument in
     Celery's call (a bare TypeError, and no end in the stream)."""
     task_id, item = envelope(envelope_template, _node_queue(hostile_worker), payload=_body("x", self=1))
@@ -570,7 +681,9 @@ def raw_marker() -> str:
     return _marker()
 
 
-def test_raw_envelopes_with_random_kwargs(redis_server, hostile_worker, hostile_client, envelope_template, raw_marker):
+def test_raw_envelopes_with_random_kwargs(
+    redis_server, hostile_worker, hostile_client, envelope_template, raw_marker
+):
     """Well-framed messages with random request fields, pushed in batches straight into the
     node's queue: each is served or fails with InvalidRequest (nothing else), the worker serves a
     normal request after each batch, and no prompt reaches its log."""
@@ -581,8 +694,16 @@ def test_raw_envelopes_with_random_kwargs(redis_server, hostile_worker, hostile_
     tally: dict[str, int] = {}
 
     @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(batch=st.lists(st.tuples(request_kwargs(raw_marker, hostile_worker.node).map(_jsonable),
-                                    st.sampled_from([[], [], [], [1], ["x", 2]])), min_size=1, max_size=6))
+    @given(
+        batch=st.lists(
+            st.tuples(
+                request_kwargs(raw_marker, hostile_worker.node).map(_jsonable),
+                st.sampled_from([[], [], [], [1], ["x", 2]]),
+            ),
+            min_size=1,
+            max_size=6,
+        )
+    )
     def run(batch: list[tuple[dict[str, Any], list[Any]]]) -> None:
         ids = []
         for kwargs, args in batch:

@@ -20,8 +20,15 @@ from fd_celery.settings import NodeKnobs, node_knobs, reload_node_knobs
 
 REPO = Path(__file__).resolve().parents[1]
 
-KNOB_VARS = ("FD_MAX_KV_BYTES", "FD_KV_SHM_POOL_SLOTS", "FD_KV_SHM_POOL_BYTES", "FD_KV_CUDA_GRACE_S",
-             "FD_KV_STORE", "FD_TORCH_THREADS", "FD_VISIBILITY_TIMEOUT_S")
+KNOB_VARS = (
+    "FD_MAX_KV_BYTES",
+    "FD_KV_SHM_POOL_SLOTS",
+    "FD_KV_SHM_POOL_BYTES",
+    "FD_KV_CUDA_GRACE_S",
+    "FD_KV_STORE",
+    "FD_TORCH_THREADS",
+    "FD_VISIBILITY_TIMEOUT_S",
+)
 
 
 @pytest.fixture
@@ -36,8 +43,14 @@ def clean_knobs(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in KNOB_VARS}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env={**clean, **env},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_every_knob_has_a_variable_a_unit_and_a_doc():
@@ -50,18 +63,38 @@ def test_defaults_are_todays():
     knobs = NodeKnobs.from_env({})
     assert knobs == NodeKnobs()
     assert (knobs.max_kv_bytes, knobs.kv_shm_pool_slots, knobs.kv_shm_pool_bytes) == (8 << 30, 4, 1 << 30)
-    assert (knobs.kv_cuda_grace_s, knobs.kv_store, knobs.torch_threads, knobs.visibility_timeout_s) == (5.0, "auto", 1, None)
+    assert (knobs.kv_cuda_grace_s, knobs.kv_store, knobs.torch_threads, knobs.visibility_timeout_s) == (
+        5.0,
+        "auto",
+        1,
+        None,
+    )
 
 
 def test_good_values_are_parsed():
-    knobs = NodeKnobs.from_env({
-        "FD_MAX_KV_BYTES": "1048576", "FD_KV_SHM_POOL_SLOTS": "0", "FD_KV_SHM_POOL_BYTES": " 4096 ",
-        "FD_KV_CUDA_GRACE_S": "0.5", "FD_KV_STORE": " Redis ", "FD_TORCH_THREADS": "8",
-        "FD_VISIBILITY_TIMEOUT_S": "2m",
-    })
-    assert knobs == NodeKnobs(max_kv_bytes=1 << 20, kv_shm_pool_slots=0, kv_shm_pool_bytes=4096, kv_cuda_grace_s=0.5,
-                              kv_store="redis", torch_threads=8, visibility_timeout_s=120.0)
-    assert NodeKnobs.from_env({"FD_VISIBILITY_TIMEOUT_S": "", "FD_KV_STORE": "  "}) == NodeKnobs()  # empty: unset
+    knobs = NodeKnobs.from_env(
+        {
+            "FD_MAX_KV_BYTES": "1048576",
+            "FD_KV_SHM_POOL_SLOTS": "0",
+            "FD_KV_SHM_POOL_BYTES": " 4096 ",
+            "FD_KV_CUDA_GRACE_S": "0.5",
+            "FD_KV_STORE": " Redis ",
+            "FD_TORCH_THREADS": "8",
+            "FD_VISIBILITY_TIMEOUT_S": "2m",
+        }
+    )
+    assert knobs == NodeKnobs(
+        max_kv_bytes=1 << 20,
+        kv_shm_pool_slots=0,
+        kv_shm_pool_bytes=4096,
+        kv_cuda_grace_s=0.5,
+        kv_store="redis",
+        torch_threads=8,
+        visibility_timeout_s=120.0,
+    )
+    assert (
+        NodeKnobs.from_env({"FD_VISIBILITY_TIMEOUT_S": "", "FD_KV_STORE": "  "}) == NodeKnobs()
+    )  # empty: unset
 
 
 BAD = [
@@ -101,7 +134,8 @@ def test_knobs_are_read_once_and_again_on_request(clean_knobs):
 
 
 def test_a_bad_max_kv_bytes_breaks_the_kv_use_not_its_import():
-    proc = _python("""
+    proc = _python(
+        """
         import socket, time, uuid
         import fd_celery.kv as kv
         from fd_celery.errors import ConfigError
@@ -118,15 +152,21 @@ def test_a_bad_max_kv_bytes_breaks_the_kv_use_not_its_import():
                 print(what, "ConfigError", exc)
             else:
                 print(what, "accepted")
-        """, FD_MAX_KV_BYTES="8G")
+        """,
+        FD_MAX_KV_BYTES="8G",
+    )
     assert proc.returncode == 0, proc.stderr  # the import did not raise
     lines = proc.stdout.splitlines()
-    assert [line.split(" ", 2)[:2] for line in lines] == [["check", "ConfigError"], ["limit", "ConfigError"]], lines
+    assert [line.split(" ", 2)[:2] for line in lines] == [
+        ["check", "ConfigError"],
+        ["limit", "ConfigError"],
+    ], lines
     assert all("FD_MAX_KV_BYTES='8G'" in line for line in lines), lines
 
 
 def test_a_bad_max_kv_bytes_breaks_a_put():
-    proc = _python("""
+    proc = _python(
+        """
         import torch
         import fd_celery.kv as kv
         from fd_celery.engine.base import KVCache
@@ -137,13 +177,16 @@ def test_a_bad_max_kv_bytes_breaks_a_put():
                    prompt_tokens=3)
         except ConfigError as exc:
             print("ConfigError", exc)
-        """, FD_MAX_KV_BYTES="-5")
+        """,
+        FD_MAX_KV_BYTES="-5",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ConfigError FD_MAX_KV_BYTES='-5'"), proc.stdout
 
 
 def test_max_kv_bytes_is_the_limit_a_reference_is_checked_against():
-    proc = _python("""
+    proc = _python(
+        """
         import fd_celery.kv as kv
         import time, uuid
         from fd_celery.errors import KVRefError
@@ -159,18 +202,25 @@ def test_max_kv_bytes_is_the_limit_a_reference_is_checked_against():
                 print(nbytes, "accepted")
             except KVRefError as exc:
                 print(nbytes, "refused:", exc)
-        """, FD_MAX_KV_BYTES="1000")
+        """,
+        FD_MAX_KV_BYTES="1000",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "1000", "1000 accepted", "1004 refused: KV reference of 1004 bytes is over the limit of 1000"]
+        "1000",
+        "1000 accepted",
+        "1004 refused: KV reference of 1004 bytes is over the limit of 1000",
+    ]
 
 
 def test_a_worker_app_with_a_bad_visibility_timeout_does_not_start():
     proc = _python("import workers.mixed", FD_VISIBILITY_TIMEOUT_S="soon")
     assert proc.returncode != 0
     assert "ConfigError: FD_VISIBILITY_TIMEOUT_S='soon'" in proc.stderr, proc.stderr[-2000:]
-    proc = _python("import workers.mixed as m; print(m.app.conf.broker_transport_options['visibility_timeout'])",
-                   FD_VISIBILITY_TIMEOUT_S="90s")
+    proc = _python(
+        "import workers.mixed as m; print(m.app.conf.broker_transport_options['visibility_timeout'])",
+        FD_VISIBILITY_TIMEOUT_S="90s",
+    )
     assert proc.returncode == 0 and proc.stdout.split() == ["90.0"], proc.stderr[-2000:]
 
 

@@ -43,10 +43,22 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def _cuda_ref(**fields: Any) -> dict[str, Any]:
     token = uuid.uuid4().hex
     ref = kvstore.KVRef(
-        kind="cuda", location=blob_name("kvc", "req-1", token), topic="kvc", request_id="req-1",
-        token=token, dtype="float32", shapes=((2, 3, 4), (2, 3, 4)), num_tokens=3, nbytes=192,
-        checksum="s64:" + "1" * 16, owner="p@host", host=socket.gethostname(), expires_at=time.time() + 60,
-        first_token=5, prompt_tokens=3, ipc=dict(IPC),
+        kind="cuda",
+        location=blob_name("kvc", "req-1", token),
+        topic="kvc",
+        request_id="req-1",
+        token=token,
+        dtype="float32",
+        shapes=((2, 3, 4), (2, 3, 4)),
+        num_tokens=3,
+        nbytes=192,
+        checksum="s64:" + "1" * 16,
+        owner="p@host",
+        host=socket.gethostname(),
+        expires_at=time.time() + 60,
+        first_token=5,
+        prompt_tokens=3,
+        ipc=dict(IPC),
     )
     return {**ref.to_dict(), **fields}
 
@@ -67,7 +79,10 @@ BAD_IPC = {
     "a device past 255": ({**IPC, "device": 300}, "ipc.device=300 is out of range"),
     "a handle not base64": ({**IPC, "handle": "not base64!"}, "ipc.handle is not base64"),
     "a handle too long": ({**IPC, "handle": "QUJD" * 200}, "ipc.handle is longer"),
-    "a counter file outside torch's": ({**IPC, "counter": "/../dev/shm/fdkv-x"}, "not a torch reference counter"),
+    "a counter file outside torch's": (
+        {**IPC, "counter": "/../dev/shm/fdkv-x"},
+        "not a torch reference counter",
+    ),
     "a counter past its file": ({**IPC, "counter_offset": 10000}, "counter_offset=10000 is out of range"),
 }
 
@@ -95,18 +110,23 @@ def test_the_blob_header_is_the_reference_without_its_ipc_object():
     assert kvblob.header(edited) != kvblob.header(ref)
 
 
-@pytest.mark.parametrize("same_host,device,peer,forced,expected", [
-    (True, "cuda", ["cuda", "shm", "redis"], "auto", "cuda"),
-    (True, "cuda:1", ["cuda", "shm", "redis"], "auto", "cuda"),
-    (True, "cuda", ["shm", "redis"], "auto", "shm"),  # the decode node is on the CPU
-    (True, "cpu", ["cuda", "shm", "redis"], "auto", "shm"),  # prefill is on the CPU
-    (True, "cpu", None, "auto", "shm"),  # a node that does not publish its stores
-    (True, "cpu", ["redis"], "auto", "redis"),  # no /dev/shm on the decode side
-    (False, "cuda", ["cuda", "shm", "redis"], "auto", "redis"),  # another host
-    (True, "cuda", ["cuda", "shm", "redis"], "redis", "redis"),  # FD_KV_STORE
-])
+@pytest.mark.parametrize(
+    "same_host,device,peer,forced,expected",
+    [
+        (True, "cuda", ["cuda", "shm", "redis"], "auto", "cuda"),
+        (True, "cuda:1", ["cuda", "shm", "redis"], "auto", "cuda"),
+        (True, "cuda", ["shm", "redis"], "auto", "shm"),  # the decode node is on the CPU
+        (True, "cpu", ["cuda", "shm", "redis"], "auto", "shm"),  # prefill is on the CPU
+        (True, "cpu", None, "auto", "shm"),  # a node that does not publish its stores
+        (True, "cpu", ["redis"], "auto", "redis"),  # no /dev/shm on the decode side
+        (False, "cuda", ["cuda", "shm", "redis"], "auto", "redis"),  # another host
+        (True, "cuda", ["cuda", "shm", "redis"], "redis", "redis"),  # FD_KV_STORE
+    ],
+)
 def test_the_store_follows_hosts_and_devices(same_host, device, peer, forced, expected):
-    assert kvstore.choose_store(same_host=same_host, device=device, peer_stores=peer, forced=forced) == expected
+    assert (
+        kvstore.choose_store(same_host=same_host, device=device, peer_stores=peer, forced=forced) == expected
+    )
 
 
 def test_nodes_offer_cuda_only_on_cuda():
@@ -126,10 +146,15 @@ def test_an_expired_cuda_claim_stays_for_its_producer(redis_server: RedisServer)
     it away would leave the GPU buffer unreleased. Only one whose producer never came goes."""
     r, topic = redis_server.client(), f"kvc-{uuid.uuid4().hex[:6]}"
     now = time.time()
-    r.hset(keys.kv_held(topic), mapping={
-        "shm-old": f"p|10|{now - 5}|shm", "cuda-old": f"p|10|{now - 5}|cuda",
-        "cuda-orphan": f"p|10|{now - 2 * kvindex.ORPHAN_CLAIM_S}|cuda", "live": f"p|10|{now + 60}|cuda",
-    })
+    r.hset(
+        keys.kv_held(topic),
+        mapping={
+            "shm-old": f"p|10|{now - 5}|shm",
+            "cuda-old": f"p|10|{now - 5}|cuda",
+            "cuda-orphan": f"p|10|{now - 2 * kvindex.ORPHAN_CLAIM_S}|cuda",
+            "live": f"p|10|{now + 60}|cuda",
+        },
+    )
     assert kvstore.bytes_held(r, topic) == {"p": 10}
     assert sorted(k.decode() for k in r.hkeys(keys.kv_held(topic))) == ["cuda-old", "live"]
 
@@ -147,9 +172,18 @@ def _gpu_cache(prompt: str = "cuda ipc") -> tuple[Any, Any, int, list[int]]:
 
 
 def _put(cache: Any, first: int, ids: list[int], client: Any, topic: str, ttl_s: float = 60) -> kvstore.KVRef:
-    return kvstore.put(cache, kind="cuda", topic=topic, request_id=f"r-{uuid.uuid4().hex[:8]}", owner="p",
-                       host=socket.gethostname(), ttl_s=ttl_s, first_token=first, prompt_tokens=len(ids),
-                       client=client)
+    return kvstore.put(
+        cache,
+        kind="cuda",
+        topic=topic,
+        request_id=f"r-{uuid.uuid4().hex[:8]}",
+        owner="p",
+        host=socket.gethostname(),
+        ttl_s=ttl_s,
+        first_token=first,
+        prompt_tokens=len(ids),
+        client=client,
+    )
 
 
 @needs_cuda
@@ -196,10 +230,15 @@ PRODUCER = textwrap.dedent("""
 """)
 
 
-def _producer(redis_server: RedisServer, topic: str, ttl_s: float, prompt: str) -> tuple[subprocess.Popen, dict]:
+def _producer(
+    redis_server: RedisServer, topic: str, ttl_s: float, prompt: str
+) -> tuple[subprocess.Popen, dict]:
     proc = subprocess.Popen(
         [sys.executable, "-c", PRODUCER, str(redis_server.port), topic, str(ttl_s), prompt],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "FD_KV_CUDA_GRACE_S": "0.5"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FD_KV_CUDA_GRACE_S": "0.5"},
     )
     assert proc.stdout is not None and proc.stdin is not None
     return proc, json.loads(proc.stdout.readline())
@@ -263,7 +302,9 @@ def test_split_cluster_on_the_gpu_gives_the_tokens_of_one_gpu_node(redis_server:
     with LocalCluster(redis_server, env=env) as cluster:
         nodes = cluster.add_split_pair(topic)
         client = cluster.client(topic, scheduler_name="splitwise")
-        handles = [client.submit(f"gpu hand-off {i}", max_tokens=12, temperature=0.8, seed=i) for i in range(6)]
+        handles = [
+            client.submit(f"gpu hand-off {i}", max_tokens=12, temperature=0.8, seed=i) for i in range(6)
+        ]
         results = [h.result(timeout=120) for h in handles]
         ref = handles[0].async_result.get(timeout=10)  # the prefill task's result: the reference
     assert ref["kind"] == "cuda" and len(json.dumps(ref)) < 4096

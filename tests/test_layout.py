@@ -18,9 +18,15 @@ PACKAGE = pathlib.Path(fd_celery.__file__).parent
 #: The outer layer: what builds apps and runs commands. It may import anything.
 OUTER = ("fd_celery", "fd_celery.app", "fd_celery.cli", "fd_celery.bench", "fd_celery.local_cluster")
 #: Modules every other part may import, which import none but each other.
-LEAVES = ("fd_celery.errors", "fd_celery.config", "fd_celery.settings", "fd_celery.keys",
-          "fd_celery.protocol", "fd_celery.connection",
-          "fd_celery.kv.table")  # (the store table is data: what FD_KV_STORE may name)
+LEAVES = (
+    "fd_celery.errors",
+    "fd_celery.config",
+    "fd_celery.settings",
+    "fd_celery.keys",
+    "fd_celery.protocol",
+    "fd_celery.connection",
+    "fd_celery.kv.table",
+)  # (the store table is data: what FD_KV_STORE may name)
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -63,8 +69,9 @@ def _graph() -> dict[str, set[str]]:
 
 
 def _in(module: str, layer: tuple[str, ...]) -> bool:
-    return any(module == name or module.startswith(name + ".") for name in layer if name != "fd_celery") \
-        or ("fd_celery" in layer and module == "fd_celery")
+    return any(module == name or module.startswith(name + ".") for name in layer if name != "fd_celery") or (
+        "fd_celery" in layer and module == "fd_celery"
+    )
 
 
 def test_no_import_circles() -> None:
@@ -78,7 +85,7 @@ def test_no_import_circles() -> None:
         path.append(mod)
         for dep in sorted(graph[mod]):
             if state.get(dep) == 1:
-                circles.append(path[path.index(dep):] + [dep])
+                circles.append(path[path.index(dep) :] + [dep])
             elif dep not in state:
                 visit(dep)
         path.pop()
@@ -95,8 +102,10 @@ def test_only_the_outer_layer_imports_install_and_commands() -> None:
     package root that re-exports it, nor the commands and benchmarks)."""
     wrong = sorted(
         f"{mod} imports {dep}"
-        for mod, deps in _graph().items() if not _in(mod, OUTER)
-        for dep in deps if _in(dep, OUTER)
+        for mod, deps in _graph().items()
+        if not _in(mod, OUTER)
+        for dep in deps
+        if _in(dep, OUTER)
     )
     assert wrong == []
 
@@ -104,8 +113,10 @@ def test_only_the_outer_layer_imports_install_and_commands() -> None:
 def test_leaf_modules_import_only_leaves() -> None:
     wrong = sorted(
         f"{mod} imports {dep}"
-        for mod, deps in _graph().items() if mod in LEAVES
-        for dep in deps if dep not in LEAVES
+        for mod, deps in _graph().items()
+        if mod in LEAVES
+        for dep in deps
+        if dep not in LEAVES
     )
     assert wrong == []
 
@@ -122,5 +133,7 @@ def test_a_client_process_imports_no_torch() -> None:
         "import fd_celery.kv, fd_celery.streams, fd_celery.scheduler.routing\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert out.stdout.strip() == "[]"

@@ -34,8 +34,9 @@ def dead_redis(port: int | None = None) -> redis.Redis:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    return redis.Redis(port=port or free_port(), socket_connect_timeout=0.2, socket_timeout=0.2,
-                       retry=Retry(NoBackoff(), 0))
+    return redis.Redis(
+        port=port or free_port(), socket_connect_timeout=0.2, socket_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
 
 
 def _env(port: int, topic: str) -> dict[str, str]:
@@ -50,8 +51,9 @@ def _cmd(*args: str) -> list[str]:
 
 def scrape(port: int, topic: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """``fd metrics --once``, parsed: {(sample name, sorted labels): value}."""
-    proc = subprocess.run(_cmd("--once"), env=_env(port, topic), cwd=REPO, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        _cmd("--once"), env=_env(port, topic), cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return parse(proc.stdout)
 
@@ -131,8 +133,10 @@ def test_recorded_events_are_exported(redis_server, topic):
 
     # one pipelined round trip per event, into a few hashes under fd:<topic>:metrics:
     names = {k.decode() for k in r.scan_iter(f"fd:{topic}:metrics:*")}
-    assert names == {f"fd:{topic}:metrics:{n}" for n in ("ttft", "tpot", "requests", "tokens", "rejected",
-                                                         "handoffs", "givenback")}
+    assert names == {
+        f"fd:{topic}:metrics:{n}"
+        for n in ("ttft", "tpot", "requests", "tokens", "rejected", "handoffs", "givenback")
+    }
 
 
 def test_recording_never_raises(redis_server, topic, caplog):
@@ -169,30 +173,49 @@ def test_live_cluster_gauges(redis_server, cluster, node):
 def test_requests_through_the_cluster_are_counted(redis_server, client, node):
     """Needs the worker hooks (``metrics.record_end`` where a request ends)."""
     before = scrape(redis_server.port, TOPIC)
-    results = [h.result(timeout=60) for h in [client.submit("count me", max_tokens=6, seed=i) for i in range(3)]]
+    results = [
+        h.result(timeout=60) for h in [client.submit("count me", max_tokens=6, seed=i) for i in range(3)]
+    ]
     assert all(res.served_by == (node,) for res in results)
     deadline = time.monotonic() + 5
     while True:
         after = scrape(redis_server.port, TOPIC)
-        grown = value(after, "fd_ttft_seconds_count", node=node) - value(before, "fd_ttft_seconds_count", node=node)
+        grown = value(after, "fd_ttft_seconds_count", node=node) - value(
+            before, "fd_ttft_seconds_count", node=node
+        )
         if grown >= 3 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert grown == 3, ("no worker recorded these requests' ends: is metrics.record_end called where a "
-                        "request ends (fd_celery/worker/run.py)?" if grown == 0 else grown)
-    assert (value(after, "fd_requests_total", node=node, outcome="ok")
-            - value(before, "fd_requests_total", node=node, outcome="ok")) == 3
-    assert (value(after, "fd_output_tokens_total", node=node) - value(before, "fd_output_tokens_total", node=node)
-            == sum(len(res.token_ids) for res in results))
-    ttft_sum = value(after, "fd_ttft_seconds_sum", node=node) - value(before, "fd_ttft_seconds_sum", node=node)
+    assert grown == 3, (
+        "no worker recorded these requests' ends: is metrics.record_end called where a "
+        "request ends (fd_celery/worker/run.py)?"
+        if grown == 0
+        else grown
+    )
+    assert (
+        value(after, "fd_requests_total", node=node, outcome="ok")
+        - value(before, "fd_requests_total", node=node, outcome="ok")
+    ) == 3
+    assert value(after, "fd_output_tokens_total", node=node) - value(
+        before, "fd_output_tokens_total", node=node
+    ) == sum(len(res.token_ids) for res in results)
+    ttft_sum = value(after, "fd_ttft_seconds_sum", node=node) - value(
+        before, "fd_ttft_seconds_sum", node=node
+    )
     assert ttft_sum == pytest.approx(sum(res.ttft_s for res in results), rel=1e-6)
 
 
 def test_http_exporter(redis_server, topic):
     metrics.record_rejected(redis_server.client(), topic, "QueueFull")
     port = free_port()
-    proc = subprocess.Popen(_cmd("--port", str(port), "--address", "127.0.0.1"), env=_env(redis_server.port, topic),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _cmd("--port", str(port), "--address", "127.0.0.1"),
+        env=_env(redis_server.port, topic),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         banner = proc.stdout.readline()
@@ -214,7 +237,13 @@ def test_exporter_reports_redis_down(redis_server, topic):
     dead = dead_redis(config.scheduler_port)
     assert value(parse(exporter.exposition(dead, config).decode()), "fd_up") == 0
 
-    proc = subprocess.run(_cmd("--once"), env=_env(config.scheduler_port, topic), cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        _cmd("--once"),
+        env=_env(config.scheduler_port, topic),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert f"127.0.0.1:{config.scheduler_port}" in proc.stderr and "Traceback" not in proc.stderr

@@ -30,14 +30,17 @@ def runner() -> EngineRunner:
     return EngineRunner(load_engine("fd-tiny", "cpu"))
 
 
-def _reference(runner: EngineRunner, prompt: str, max_tokens: int, temperature: float, seed: int) -> list[int]:
+def _reference(
+    runner: EngineRunner, prompt: str, max_tokens: int, temperature: float, seed: int
+) -> list[int]:
     engine = runner.engine
     return list(engine.generate(engine.encode(prompt), SamplingParams(temperature, seed), max_tokens))
 
 
 @pytest.mark.parametrize(("prompt", "max_tokens", "temperature", "seed"), CASES)
-def test_generate_gives_the_reference_tokens(runner: EngineRunner, prompt: str, max_tokens: int,
-                                             temperature: float, seed: int) -> None:
+def test_generate_gives_the_reference_tokens(
+    runner: EngineRunner, prompt: str, max_tokens: int, temperature: float, seed: int
+) -> None:
     ids = runner.engine.encode(prompt)
     got = list(runner.generate(ids, SamplingParams(temperature, seed), max_tokens))
     assert got == _reference(runner, prompt, max_tokens, temperature, seed)
@@ -45,8 +48,9 @@ def test_generate_gives_the_reference_tokens(runner: EngineRunner, prompt: str, 
 
 
 @pytest.mark.parametrize(("prompt", "max_tokens", "temperature", "seed"), CASES)
-def test_prefill_then_decode_gives_the_reference_tokens(runner: EngineRunner, prompt: str, max_tokens: int,
-                                                        temperature: float, seed: int) -> None:
+def test_prefill_then_decode_gives_the_reference_tokens(
+    runner: EngineRunner, prompt: str, max_tokens: int, temperature: float, seed: int
+) -> None:
     """Splitwise's two halves through the runner: the first token from prefill, the rest from
     decode on the prompt's cache, together exactly what one node produces."""
     ids = runner.engine.encode(prompt)
@@ -77,7 +81,9 @@ def test_threads_share_one_model_and_each_gets_its_own_tokens(runner: EngineRunn
 
     def run(i: int, prompt: str, max_tokens: int, temperature: float, seed: int) -> None:
         barrier.wait()
-        got[i] = list(runner.generate(runner.engine.encode(prompt), SamplingParams(temperature, seed), max_tokens))
+        got[i] = list(
+            runner.generate(runner.engine.encode(prompt), SamplingParams(temperature, seed), max_tokens)
+        )
 
     threads = [threading.Thread(target=run, args=(i, *case)) for i, case in enumerate(prompts)]
     for t in threads:

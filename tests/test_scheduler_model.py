@@ -39,8 +39,11 @@ EXPIRE_MS = 60_000
 FORGET_AFTER_S = 600.0
 AGES_MS = {"live": 0.0, "dead": 2.0 * EXPIRE_MS, "long dead": 2000.0 * FORGET_AFTER_S, "never": None}
 SCORE_TOLERANCE = 1e-9
-SETTINGS = settings(max_examples=300, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,20 +109,32 @@ def _nodes(drawn: list[dict[str, Any]]) -> dict[str, NodeState]:
             queue[priority].insert(0, _message(kind, number))  # LPUSH, as kombu publishes
             number += 1
         name = f"node{i}@host"
-        nodes[name] = NodeState(name, spec["role"], spec["score"], AGES_MS[spec["beat"]], spec["slots"],
-                                spec["running"], tuple(tuple(q) for q in queue))
+        nodes[name] = NodeState(
+            name,
+            spec["role"],
+            spec["score"],
+            AGES_MS[spec["beat"]],
+            spec["slots"],
+            spec["running"],
+            tuple(tuple(q) for q in queue),
+        )
     return nodes
 
 
 def _config(shards: int, min_score: float) -> SchedulerConfig:
-    return SchedulerConfig(scheduler_name="global", scheduler_topic=f"model-{uuid.uuid4().hex[:16]}",
-                           scheduler_load_shards_num=shards, scheduler_min_load_score=min_score,
-                           scheduler_expire_period=EXPIRE_MS)
+    return SchedulerConfig(
+        scheduler_name="global",
+        scheduler_topic=f"model-{uuid.uuid4().hex[:16]}",
+        scheduler_load_shards_num=shards,
+        scheduler_min_load_score=min_score,
+        scheduler_expire_period=EXPIRE_MS,
+    )
 
 
 def _shard(config: SchedulerConfig, node: NodeState) -> str:
-    return keys.load_shard(config.scheduler_topic, node.role,
-                           keys.shard_of(node.name, config.scheduler_load_shards_num))
+    return keys.load_shard(
+        config.scheduler_topic, node.role, keys.shard_of(node.name, config.scheduler_load_shards_num)
+    )
 
 
 def _queue_lists(config: SchedulerConfig, node: NodeState) -> list[str]:
@@ -135,7 +150,9 @@ def _write(client: redis.Redis, config: SchedulerConfig, nodes: dict[str, NodeSt
         if node.score is not None:
             pipe.zadd(_shard(config, node), {node.name: node.score})
         facts = {"role": json.dumps(node.role)}
-        facts.update({k: str(v) for k, v in (("slots", node.slots), ("running", node.running)) if v is not None})
+        facts.update(
+            {k: str(v) for k, v in (("slots", node.slots), ("running", node.running)) if v is not None}
+        )
         pipe.hset(keys.node_hash(topic, node.name), mapping=facts)
         for key, messages in zip(_queue_lists(config, node), node.queue):
             if messages:
@@ -153,19 +170,27 @@ def _read(client: redis.Redis, config: SchedulerConfig, nodes: dict[str, NodeSta
                 node = nodes[name.decode()]
                 assert (node.role, _shard(config, node)) == (role, shard), f"{node.name} is in {shard}"
                 table[(role, node.name)] = score
-    listed = {name.decode(): score for name, score in client.zrange(keys.nodes_zset(topic), 0, -1, withscores=True)}
+    listed = {
+        name.decode(): score for name, score in client.zrange(keys.nodes_zset(topic), 0, -1, withscores=True)
+    }
     assert set(listed) == {n.name for n in nodes.values() if n.beat_age_ms is not None}
     out = {}
     for node in nodes.values():
         slots, running = client.hmget(keys.node_hash(topic, node.name), "slots", "running")
         out[node.name] = NodeState(
-            node.name, node.role, table.get((node.role, node.name)), node.beat_age_ms,
-            None if slots is None else int(slots), None if running is None else int(running),
+            node.name,
+            node.role,
+            table.get((node.role, node.name)),
+            node.beat_age_ms,
+            None if slots is None else int(slots),
+            None if running is None else int(running),
             tuple(tuple(m.decode() for m in client.lrange(key, 0, -1)) for key in _queue_lists(config, node)),
             frozenset(e.decode() for e in client.zrange(keys.prefill_ledger(topic, node.name), 0, -1)),
         )
     lists = {k.decode() for k in client.keys(f"fd.{topic}.*")}
-    assert lists <= {key for n in nodes.values() for key in _queue_lists(config, n)}, "a message left its queues"
+    assert lists <= {key for n in nodes.values() for key in _queue_lists(config, n)}, (
+        "a message left its queues"
+    )
     return out
 
 
@@ -175,9 +200,15 @@ def _assert_same(actual: dict[str, NodeState], expected: dict[str, NodeState], w
         if want.score is None or got.score is None:
             assert got.score == want.score, f"{what}: {name} in the load table: {got.score} != {want.score}"
         else:
-            assert abs(got.score - want.score) < SCORE_TOLERANCE, f"{what}: {name} score {got.score} != {want.score}"
-        assert (got.queue, got.slots, got.running, got.ledger) == (want.queue, want.slots, want.running,
-                                                                    want.ledger), f"{what}: {name}"
+            assert abs(got.score - want.score) < SCORE_TOLERANCE, (
+                f"{what}: {name} score {got.score} != {want.score}"
+            )
+        assert (got.queue, got.slots, got.running, got.ledger) == (
+            want.queue,
+            want.slots,
+            want.running,
+            want.ledger,
+        ), f"{what}: {name}"
 
 
 def _messages(nodes: dict[str, NodeState]) -> collections.Counter[str]:
@@ -187,8 +218,14 @@ def _messages(nodes: dict[str, NodeState]) -> collections.Counter[str]:
 # --------------------------------------------------------------------------- operations
 
 
-def _place(client: redis.Redis, config: SchedulerConfig, nodes: dict[str, NodeState],
-           roles: tuple[str, ...], blur: float, tokens: int | None) -> dict[str, NodeState]:
+def _place(
+    client: redis.Redis,
+    config: SchedulerConfig,
+    nodes: dict[str, NodeState],
+    roles: tuple[str, ...],
+    blur: float,
+    tokens: int | None,
+) -> dict[str, NodeState]:
     request_id = uuid.uuid4().hex
     charge = 1.0 if tokens is None else 1.0 + tokens / loadtable.PREFILL_TOKEN_UNIT
     entry = None if tokens is None else loadtable.ledger_entry(request_id, tokens)
@@ -213,13 +250,27 @@ def _thief(nodes: dict[str, NodeState], idle: bool, index: int) -> str:
     return names[index % len(names)]
 
 
-def _steal(client: redis.Redis, config: SchedulerConfig, nodes: dict[str, NodeState], idle: bool, index: int,
-           running: int, counters: collections.Counter[str]) -> dict[str, NodeState]:
+def _steal(
+    client: redis.Redis,
+    config: SchedulerConfig,
+    nodes: dict[str, NodeState],
+    idle: bool,
+    index: int,
+    running: int,
+    counters: collections.Counter[str],
+) -> dict[str, NodeState]:
     thief = _thief(nodes, idle, index)
     role = nodes[thief].role
-    decision = model.steal(nodes, role, thief, expire_ms=EXPIRE_MS, forget_after_ms=FORGET_AFTER_S * 1000,
-                           min_score=config.scheduler_min_load_score, top_candidates=stealing.TOP_CANDIDATES,
-                           thief_running=running)
+    decision = model.steal(
+        nodes,
+        role,
+        thief,
+        expire_ms=EXPIRE_MS,
+        forget_after_ms=FORGET_AFTER_S * 1000,
+        min_score=config.scheduler_min_load_score,
+        top_candidates=stealing.TOP_CANDIDATES,
+        thief_running=running,
+    )
     idle_since_ms = int(time.time() * 1000) - 7
     steal = stealing.steal_one(client, config, role, thief, idle_since_ms, FORGET_AFTER_S, running)
     after = _read(client, config, nodes)
@@ -237,7 +288,10 @@ def _steal(client: redis.Redis, config: SchedulerConfig, nodes: dict[str, NodeSt
     assert abs(steal.victim_score - outcome.victim_score) < 1e-6, what
     _assert_same(after, outcome.nodes, what)
     if outcome.request_id:
-        assert stealing.stolen_from(client, config, outcome.request_id) == (steal.victim, idle_since_ms / 1000)
+        assert stealing.stolen_from(client, config, outcome.request_id) == (
+            steal.victim,
+            idle_since_ms / 1000,
+        )
     counters.update({f"{thief}:made": 1, f"{steal.victim}:suffered": 1})
     return after
 
@@ -246,10 +300,15 @@ def _steal(client: redis.Redis, config: SchedulerConfig, nodes: dict[str, NodeSt
 
 
 @SETTINGS
-@given(drawn=node_states(), shards=st.integers(1, 3), min_score=st.sampled_from((0.0, 0.5, 1.0, 2.0, 3.0)),
-       operations=OPERATIONS)
-def test_placements_and_steals_are_ones_the_model_allows_and_lose_nothing(client, drawn, shards, min_score,
-                                                                          operations):
+@given(
+    drawn=node_states(),
+    shards=st.integers(1, 3),
+    min_score=st.sampled_from((0.0, 0.5, 1.0, 2.0, 3.0)),
+    operations=OPERATIONS,
+)
+def test_placements_and_steals_are_ones_the_model_allows_and_lose_nothing(
+    client, drawn, shards, min_score, operations
+):
     config = _config(shards, min_score)
     nodes = _nodes(drawn)
     _write(client, config, nodes)
@@ -269,8 +328,9 @@ def test_placements_and_steals_are_ones_the_model_allows_and_lose_nothing(client
         assert 0 < client.ttl(key) <= config.ttl_s
 
 
-def _copies(client: redis.Redis, nodes: dict[str, NodeState], min_score: float,
-            tries: int) -> list[SchedulerConfig]:
+def _copies(
+    client: redis.Redis, nodes: dict[str, NodeState], min_score: float, tries: int
+) -> list[SchedulerConfig]:
     configs = [_config(2, min_score) for _ in range(tries)]
     for config in configs:
         _write(client, config, nodes)
@@ -280,8 +340,11 @@ def _copies(client: redis.Redis, nodes: dict[str, NodeState], min_score: float,
 TIGHT_TRIES = 48  # a pick among up to 3 equals misses one with odds 3 * (2/3)**48, about 1e-8
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(drawn=node_states(), blur=st.sampled_from((0.0, 0.5, 1.0)), thief_index=st.integers(0, 7))
 def test_every_pick_the_model_allows_is_made(client, drawn, blur, thief_index):
     """The other direction: where the model allows up to three picks, the scripts make each of
@@ -290,16 +353,27 @@ def test_every_pick_the_model_allows_is_made(client, drawn, blur, thief_index):
     allowed = model.place(nodes, ("mixed",), EXPIRE_MS, blur)
     event(f"place: {min(len(allowed), 4)} allowed")
     if 1 < len(allowed) <= 3:
-        picked = {loadtable.place(client, c, ("mixed",), blur) for c in _copies(client, nodes, 1.0, TIGHT_TRIES)}
+        picked = {
+            loadtable.place(client, c, ("mixed",), blur) for c in _copies(client, nodes, 1.0, TIGHT_TRIES)
+        }
         assert picked == {(name, "mixed") for name in allowed}
     thief = _thief(nodes, True, thief_index)
-    decision = model.steal(nodes, nodes[thief].role, thief, expire_ms=EXPIRE_MS,
-                           forget_after_ms=FORGET_AFTER_S * 1000, min_score=1.0,
-                           top_candidates=stealing.TOP_CANDIDATES, thief_running=0)
+    decision = model.steal(
+        nodes,
+        nodes[thief].role,
+        thief,
+        expire_ms=EXPIRE_MS,
+        forget_after_ms=FORGET_AFTER_S * 1000,
+        min_score=1.0,
+        top_candidates=stealing.TOP_CANDIDATES,
+        thief_running=0,
+    )
     event(f"steal: {min(len(decision.outcomes), 4)} allowed")
     if 1 < len(decision.outcomes) <= stealing.TOP_CANDIDATES:
-        steals = [stealing.steal_one(client, c, nodes[thief].role, thief, 0, FORGET_AFTER_S, 0)
-                  for c in _copies(client, nodes, 1.0, TIGHT_TRIES)]
+        steals = [
+            stealing.steal_one(client, c, nodes[thief].role, thief, 0, FORGET_AFTER_S, 0)
+            for c in _copies(client, nodes, 1.0, TIGHT_TRIES)
+        ]
         assert {s.victim for s in steals if s is not None} == set(decision.outcomes)
 
 
@@ -307,26 +381,51 @@ def test_thieves_spread_over_the_top_candidates_and_orphans_come_first(client):
     """Four busy live nodes and a dead one: the dead one is always among the candidates, with
     the two most loaded live ones; the rest never are."""
     states = [NodeState("thief", "mixed", 0.0, 0.0, 1, 0)]
-    for name, score, age_ms in (("dead", 0.5, AGES_MS["dead"]), ("top", 4.0, 0.0), ("second", 3.5, 0.0),
-                                ("third", 3.0, 0.0), ("fourth", 2.5, 0.0)):
+    for name, score, age_ms in (
+        ("dead", 0.5, AGES_MS["dead"]),
+        ("top", 4.0, 0.0),
+        ("second", 3.5, 0.0),
+        ("third", 3.0, 0.0),
+        ("fourth", 2.5, 0.0),
+    ):
         states.append(NodeState(name, "mixed", score, age_ms, 1, 1, ((f"{name}-a", f"{name}-b"), (), (), ())))
     nodes = {n.name: n for n in states}
-    decision = model.steal(nodes, "mixed", "thief", expire_ms=EXPIRE_MS, forget_after_ms=FORGET_AFTER_S * 1000,
-                           min_score=1.0, top_candidates=stealing.TOP_CANDIDATES, thief_running=0)
+    decision = model.steal(
+        nodes,
+        "mixed",
+        "thief",
+        expire_ms=EXPIRE_MS,
+        forget_after_ms=FORGET_AFTER_S * 1000,
+        min_score=1.0,
+        top_candidates=stealing.TOP_CANDIDATES,
+        thief_running=0,
+    )
     assert set(decision.outcomes) == {"dead", "top", "second"}
     assert decision.outcomes["dead"].orphan and decision.outcomes["dead"].message == "dead-b"
-    steals = [stealing.steal_one(client, c, "mixed", "thief", 0, FORGET_AFTER_S, 0)
-              for c in _copies(client, nodes, 1.0, TIGHT_TRIES)]
+    steals = [
+        stealing.steal_one(client, c, "mixed", "thief", 0, FORGET_AFTER_S, 0)
+        for c in _copies(client, nodes, 1.0, TIGHT_TRIES)
+    ]
     assert {s.victim for s in steals if s is not None} == {"dead", "top", "second"}
 
 
 @pytest.mark.parametrize("score, stolen", [(2.0, True), (1.75, False)])
 def test_a_live_node_is_stolen_from_at_the_minimum_load_score_not_below(client, score, stolen):
-    nodes = {"thief": NodeState("thief", "mixed", 0.0, 0.0, 1, 0),
-             "busy": NodeState("busy", "mixed", score, 0.0, 1, 1, (("busy-a", "busy-b"), (), (), ()))}
+    nodes = {
+        "thief": NodeState("thief", "mixed", 0.0, 0.0, 1, 0),
+        "busy": NodeState("busy", "mixed", score, 0.0, 1, 1, (("busy-a", "busy-b"), (), (), ())),
+    }
     config = _config(1, 2.0)
-    decision = model.steal(nodes, "mixed", "thief", expire_ms=EXPIRE_MS, forget_after_ms=FORGET_AFTER_S * 1000,
-                           min_score=2.0, top_candidates=stealing.TOP_CANDIDATES, thief_running=0)
+    decision = model.steal(
+        nodes,
+        "mixed",
+        "thief",
+        expire_ms=EXPIRE_MS,
+        forget_after_ms=FORGET_AFTER_S * 1000,
+        min_score=2.0,
+        top_candidates=stealing.TOP_CANDIDATES,
+        thief_running=0,
+    )
     assert set(decision.outcomes) == ({"busy"} if stolen else set())
     _write(client, config, nodes)
     steal = stealing.steal_one(client, config, "mixed", "thief", 0, FORGET_AFTER_S, 0)
@@ -353,17 +452,23 @@ def test_script_headers_draw_every_key_and_argument_the_code_binds(script):
         for table, index in _INDEXED.findall(line):
             match = _BINDING.match(line)
             assert match and (match[2], match[3]) == (table, index), (
-                f"{script.name}.lua uses {table}[{index}] outside its binding: {line.strip()}")
+                f"{script.name}.lua uses {table}[{index}] outside its binding: {line.strip()}"
+            )
             bound[(table, int(index))] = match[1]
     for slot in slots:
         if slot.variadic:
-            pattern = rf"^local {slot.name} = \{{unpack\({slot.table}, {slot.index}\)\}}$|" \
-                      rf"^for \w+ = {slot.index}, #{slot.table}\b.*\b{slot.name}\b"
-            assert any(re.search(pattern, line) for line in code), f"{script.name}.lua: {slot.name} is not bound"
+            pattern = (
+                rf"^local {slot.name} = \{{unpack\({slot.table}, {slot.index}\)\}}$|"
+                rf"^for \w+ = {slot.index}, #{slot.table}\b.*\b{slot.name}\b"
+            )
+            assert any(re.search(pattern, line) for line in code), (
+                f"{script.name}.lua: {slot.name} is not bound"
+            )
         else:
             assert bound.get((slot.table, slot.index)) == slot.name, (
                 f"{script.name}.lua draws {slot.table}[{slot.index}] as {slot.name}, binds it as "
-                f"{bound.get((slot.table, slot.index))}")
+                f"{bound.get((slot.table, slot.index))}"
+            )
     assert len(bound) == sum(not s.variadic for s in slots), f"{script.name}.lua binds what it does not draw"
 
 

@@ -70,13 +70,18 @@ class _CreatesFile:
         return (open, (self.path, "w"))
 
 
-def test_pickle_message_in_the_queue_is_refused_not_unpickled(redis_server, cluster, client, envelope_template,
-                                                              tmp_path):
+def test_pickle_message_in_the_queue_is_refused_not_unpickled(
+    redis_server, cluster, client, envelope_template, tmp_path
+):
     """A kombu envelope whose content type is pickle, pushed into the session worker's queue."""
     marker = tmp_path / "unpickled-on-the-worker"
     body = pickle.dumps(((), {"prompt": _CreatesFile(str(marker)), "max_tokens": 2}, {}))
-    _, item = envelope(envelope_template, keys.role_queue(TOPIC, "mixed"), body=body,
-                       content_type="application/x-python-serialize")
+    _, item = envelope(
+        envelope_template,
+        keys.role_queue(TOPIC, "mixed"),
+        body=body,
+        content_type="application/x-python-serialize",
+    )
     redis_server.client().lpush(keys.role_queue(TOPIC, "mixed"), item)
     _assert_still_serving(client)
     assert not marker.exists(), "the worker unpickled a message"
@@ -89,8 +94,12 @@ def test_pickle_from_a_celery_producer_is_refused(redis_server, cluster, client,
     producer = Celery("pickler", broker=redis_server.url(), backend=redis_server.url(), set_as_current=False)
     producer.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
     try:
-        producer.send_task("fd.generate", kwargs={"prompt": _CreatesFile(str(marker)), "max_tokens": 2},
-                           queue=keys.role_queue(TOPIC, "mixed"), serializer="pickle")
+        producer.send_task(
+            "fd.generate",
+            kwargs={"prompt": _CreatesFile(str(marker)), "max_tokens": 2},
+            queue=keys.role_queue(TOPIC, "mixed"),
+            serializer="pickle",
+        )
         _assert_still_serving(client)
     finally:
         producer.close()
@@ -131,7 +140,9 @@ def secured_cluster(secured_redis: RedisServer) -> Iterator[LocalCluster]:
 
 def _pw_app(port: int, password: str, **overrides: Any) -> Celery:
     app = Celery(f"client-pw-{uuid.uuid4().hex[:4]}", set_as_current=False)
-    fd_celery.install(app, scheduler_port=port, scheduler_password=password, scheduler_topic=PW_TOPIC, **overrides)
+    fd_celery.install(
+        app, scheduler_port=port, scheduler_password=password, scheduler_topic=PW_TOPIC, **overrides
+    )
     return app
 
 
@@ -165,8 +176,10 @@ def test_wrong_password_is_a_clear_error_that_hides_the_password(secured_redis, 
     thread.start()
     thread.join(8)
     assert not thread.is_alive(), "no answer within 8 s"
-    print(f"\n[security] wrong password ({scheduler}): {type(box.get('error')).__name__} "
-          f"in {time.monotonic() - started:.3f}s: {box.get('error')}")
+    print(
+        f"\n[security] wrong password ({scheduler}): {type(box.get('error')).__name__} "
+        f"in {time.monotonic() - started:.3f}s: {box.get('error')}"
+    )
     exc = box.get("error")
     assert isinstance(exc, (BrokerUnavailable, ConfigError)), f"got {exc!r}"
     for text in (str(exc), repr(exc), repr(get_config(app))):
@@ -176,8 +189,9 @@ def test_wrong_password_is_a_clear_error_that_hides_the_password(secured_redis, 
 
 
 def test_worker_with_a_wrong_password_never_joins_and_never_logs_it(secured_redis):
-    with LocalCluster(secured_redis, env={"FD_SCHEDULER_TOPIC": WRONG_PW_TOPIC,
-                                          "FD_SCHEDULER_PASSWORD": WRONG_PASSWORD}) as cluster:
+    with LocalCluster(
+        secured_redis, env={"FD_SCHEDULER_TOPIC": WRONG_PW_TOPIC, "FD_SCHEDULER_PASSWORD": WRONG_PASSWORD}
+    ) as cluster:
         worker = cluster.add_worker("intruder")
         deadline = time.monotonic() + 20
         while worker.alive() and "Unrecoverable error" not in worker.log() and time.monotonic() < deadline:
@@ -246,9 +260,27 @@ def _make_certificate(directory: str) -> tuple[str, str]:
         pytest.skip("no openssl command to make a TLS certificate")
     cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return cert, key
 
@@ -257,9 +289,30 @@ def _start_tls_redis(cert: str, key: str, workdir: str) -> tuple[RedisServer, in
     """A redis-server with a plain and a TLS port, or None when the build has no TLS."""
     plain, tls = free_port(), free_port()
     process = subprocess.Popen(
-        [find_redis_server(), "--port", str(plain), "--tls-port", str(tls), "--bind", "127.0.0.1",
-         "--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", cert, "--tls-auth-clients", "no",
-         "--save", "", "--dir", workdir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            find_redis_server(),
+            "--port",
+            str(plain),
+            "--tls-port",
+            str(tls),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            cert,
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--dir",
+            workdir,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     server = RedisServer(port=plain, process=process, workdir=workdir)
     deadline = time.monotonic() + 10
@@ -318,10 +371,15 @@ def test_tls_endpoint_serves_plain_celery(tls_endpoint):
 def test_fd_celery_over_tls_end_to_end(tls_endpoint, tmp_path):
     url = _rediss_url(tls_endpoint)
     topic = f"tls-{uuid.uuid4().hex[:6]}"
-    with LocalCluster(tls_endpoint["server"], env={
-        "FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_PORT": str(tls_endpoint["port"]),
-        "CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url,
-    }) as cluster:
+    with LocalCluster(
+        tls_endpoint["server"],
+        env={
+            "FD_SCHEDULER_TOPIC": topic,
+            "FD_SCHEDULER_PORT": str(tls_endpoint["port"]),
+            "CELERY_BROKER_URL": url,
+            "CELERY_RESULT_BACKEND": url,
+        },
+    ) as cluster:
         app = Celery("client-tls", broker=url, backend=url, set_as_current=False)
         # Hygiene: the handle outlives the TLS endpoint (pytest keeps the failure's frames), and
         # Celery's result consumer would retry its unsubscribe 20 x 1 s when it is collected.
@@ -374,7 +432,9 @@ BLOB_STORES = ("shm", "redis")
 
 @pytest.fixture(scope="module")
 def decode_node(redis_server: RedisServer) -> Iterator[str]:
-    with LocalCluster(redis_server, env={"FD_SCHEDULER_TOPIC": SW_TOPIC, "FD_SCHEDULER_NAME": "splitwise"}) as cluster:
+    with LocalCluster(
+        redis_server, env={"FD_SCHEDULER_TOPIC": SW_TOPIC, "FD_SCHEDULER_NAME": "splitwise"}
+    ) as cluster:
         worker = cluster.add_worker("sd1", env={"FD_ROLE": "decode"})
         cluster.wait_live([worker.node], topic=SW_TOPIC)
         yield worker.node
@@ -383,15 +443,27 @@ def decode_node(redis_server: RedisServer) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def sw_app(redis_server: RedisServer, decode_node: str) -> Celery:
     app = Celery("client-sec-sw", set_as_current=False)
-    fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=SW_TOPIC, scheduler_name="splitwise")
+    fd_celery.install(
+        app, scheduler_port=redis_server.port, scheduler_topic=SW_TOPIC, scheduler_name="splitwise"
+    )
     return app
 
 
 def _real_blob(app: Celery, engine: Any, *, topic: str, request_id: str, kind: str) -> kvstore.KVRef:
     ids = engine.encode("a secret prompt")
     cache, first = engine.prefill(ids, SamplingParams(0.0, 1))
-    return kvstore.put(cache, kind=kind, topic=topic, request_id=request_id, owner="p@x", host="x", ttl_s=120,
-                       first_token=first, prompt_tokens=len(ids), client=redis_for(get_config(app)))
+    return kvstore.put(
+        cache,
+        kind=kind,
+        topic=topic,
+        request_id=request_id,
+        owner="p@x",
+        host="x",
+        ttl_s=120,
+        first_token=first,
+        prompt_tokens=len(ids),
+        client=redis_for(get_config(app)),
+    )
 
 
 def _blob_exists(app: Celery, ref: kvstore.KVRef) -> bool:
@@ -405,18 +477,34 @@ def _decode_with(app: Celery, node: str, request_id: str, ref_data: dict[str, An
     app.backend.store_result(prefill_id, ref_data, states.SUCCESS)
     decode_id = f"{request_id}-d"
     now = time.time()
-    app.send_task("fd.decode", task_id=decode_id, kwargs={
-        "request_id": request_id, "prefill_id": prefill_id, "node": node,
-        "request": {"prompt": "a secret prompt", "max_tokens": 4, "temperature": 0.0, "seed": 1,
-                    "token_ids": None, "node": None},
-        "submitted": now, "started": now, "first_token_at": now,
-    })
+    app.send_task(
+        "fd.decode",
+        task_id=decode_id,
+        kwargs={
+            "request_id": request_id,
+            "prefill_id": prefill_id,
+            "node": node,
+            "request": {
+                "prompt": "a secret prompt",
+                "max_tokens": 4,
+                "temperature": 0.0,
+                "seed": 1,
+                "token_ids": None,
+                "node": None,
+            },
+            "submitted": now,
+            "started": now,
+            "first_token_at": now,
+        },
+    )
     return app.AsyncResult(decode_id).get(timeout=60)
 
 
 @pytest.mark.parametrize("kind", BLOB_STORES)
 def test_decode_refuses_another_requests_blob_and_leaves_it(sw_app, decode_node, engine, kind):
-    victim = _real_blob(sw_app, engine, topic=SW_TOPIC, request_id=f"victim-{uuid.uuid4().hex[:8]}", kind=kind)
+    victim = _real_blob(
+        sw_app, engine, topic=SW_TOPIC, request_id=f"victim-{uuid.uuid4().hex[:8]}", kind=kind
+    )
     try:
         with pytest.raises(KVRefError):
             _decode_with(sw_app, decode_node, f"thief-{uuid.uuid4().hex[:8]}", victim.to_dict())
@@ -445,7 +533,9 @@ def test_decode_refuses_a_reference_with_an_edited_first_token(sw_app, decode_no
     ref = _real_blob(sw_app, engine, topic=SW_TOPIC, request_id=request_id, kind=kind)
     try:
         with pytest.raises(KVRefError):
-            _decode_with(sw_app, decode_node, request_id, {**ref.to_dict(), "first_token": (ref.first_token + 1) % 256})
+            _decode_with(
+                sw_app, decode_node, request_id, {**ref.to_dict(), "first_token": (ref.first_token + 1) % 256}
+            )
     finally:
         kvstore.discard(ref, redis_for(get_config(sw_app)))
 
@@ -474,12 +564,18 @@ def test_oversized_prompt_sent_straight_to_the_worker_is_refused(redis_server, c
     raw = Celery("raw-big", broker=redis_server.url(), backend=redis_server.url(), set_as_current=False)
     raw.conf.update(task_serializer="json", accept_content=["json"], result_accept_content=["json"])
     try:
-        huge = raw.send_task("fd.generate", kwargs={"prompt": "y" * (MAX_PROMPT_CHARS + 1), "max_tokens": 2},
-                             queue=keys.role_queue(TOPIC, "mixed"))
+        huge = raw.send_task(
+            "fd.generate",
+            kwargs={"prompt": "y" * (MAX_PROMPT_CHARS + 1), "max_tokens": 2},
+            queue=keys.role_queue(TOPIC, "mixed"),
+        )
         with pytest.raises(InvalidRequest, match="limit"):
             huge.get(timeout=60)
-        many = raw.send_task("fd.generate", kwargs={"prompt": "y", "max_tokens": MAX_TOKENS_LIMIT + 1},
-                             queue=keys.role_queue(TOPIC, "mixed"))
+        many = raw.send_task(
+            "fd.generate",
+            kwargs={"prompt": "y", "max_tokens": MAX_TOKENS_LIMIT + 1},
+            queue=keys.role_queue(TOPIC, "mixed"),
+        )
         with pytest.raises(InvalidRequest, match="max_tokens"):
             many.get(timeout=60)
     finally:
@@ -492,6 +588,8 @@ def test_kv_reference_over_the_limit_gives_kv_ref_error_on_the_decode_node(sw_ap
     ref = _real_blob(sw_app, engine, topic=SW_TOPIC, request_id=request_id, kind="redis")
     try:
         with pytest.raises(KVRefError, match="limit"):
-            _decode_with(sw_app, decode_node, request_id, {**ref.to_dict(), "nbytes": kvstore.MAX_KV_BYTES + 1})
+            _decode_with(
+                sw_app, decode_node, request_id, {**ref.to_dict(), "nbytes": kvstore.MAX_KV_BYTES + 1}
+            )
     finally:
         kvstore.discard(ref, redis_for(get_config(sw_app)))

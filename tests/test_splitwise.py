@@ -40,10 +40,14 @@ VISIBILITY_S = 8
 
 @pytest.fixture(scope="module")
 def sw(redis_server: RedisServer) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(redis_server, env={
-        "FD_SCHEDULER_TOPIC": TOPIC, "FD_SCHEDULER_NAME": "splitwise",
-        "FD_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
-    })
+    cluster = LocalCluster(
+        redis_server,
+        env={
+            "FD_SCHEDULER_TOPIC": TOPIC,
+            "FD_SCHEDULER_NAME": "splitwise",
+            "FD_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
+        },
+    )
     try:
         workers = [
             cluster.add_worker("p1", env={"FD_ROLE": "prefill"}),
@@ -64,7 +68,9 @@ def _worker(cluster: LocalCluster, name: str):
 @pytest.fixture(scope="module")
 def sw_app(redis_server: RedisServer, sw: LocalCluster) -> Celery:
     app = Celery("client-sw", set_as_current=False)
-    fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=TOPIC, scheduler_name="splitwise")
+    fd_celery.install(
+        app, scheduler_port=redis_server.port, scheduler_topic=TOPIC, scheduler_name="splitwise"
+    )
     return app
 
 
@@ -79,8 +85,9 @@ CASES = [("Split me", 0.0, 0), ("héllo wörld", 0.9, 3), ("The cache moves", 1.
 @pytest.mark.parametrize("prefill", ["p1", "p2"])
 @pytest.mark.parametrize("prompt,temperature,seed", CASES)
 def test_split_run_equals_one_node(sw, sw_client, engine, prefill, prompt, temperature, seed):
-    handle = sw_client.submit(prompt, max_tokens=24, temperature=temperature, seed=seed,
-                              node=_worker(sw, prefill).node)
+    handle = sw_client.submit(
+        prompt, max_tokens=24, temperature=temperature, seed=seed, node=_worker(sw, prefill).node
+    )
     chunks = list(handle.stream(timeout=60))
     result = handle.result(timeout=10)
 
@@ -95,7 +102,9 @@ def test_split_run_equals_one_node(sw, sw_client, engine, prefill, prompt, tempe
 
 
 def test_prefill_placement_uses_both_prefill_nodes(sw, sw_client):
-    results = [h.result(timeout=60) for h in [sw_client.submit("place", max_tokens=3, seed=i) for i in range(12)]]
+    results = [
+        h.result(timeout=60) for h in [sw_client.submit("place", max_tokens=3, seed=i) for i in range(12)]
+    ]
     assert {r.served_by[0] for r in results} == {_worker(sw, "p1").node, _worker(sw, "p2").node}
 
 
@@ -106,16 +115,29 @@ def test_prefill_placement_weighs_prompt_tokens_and_releases_them(redis_server):
     from fd_celery.scheduler import loadtable, registry
 
     topic = f"sw-tokens-{uuid.uuid4().hex[:6]}"
-    config = fd_celery.SchedulerConfig(scheduler_port=redis_server.port, scheduler_topic=topic,
-                                       scheduler_name="splitwise", scheduler_release_load_expire_period=1)
+    config = fd_celery.SchedulerConfig(
+        scheduler_port=redis_server.port,
+        scheduler_topic=topic,
+        scheduler_name="splitwise",
+        scheduler_release_load_expire_period=1,
+    )
     r = redis_server.client()
     nodes = ("pa@paper", "pb@paper")
 
     def publish_all() -> dict[str, float]:
         for node in nodes:
-            registry.register(r, config, node, {"role": "prefill", "slots": 1, "model": "fd-tiny", "device": "cpu"})
-            loadtable.publish(r, config, "prefill", node, running=0, slots=1,
-                              own_queue=keys.node_queue(topic, "prefill", node))
+            registry.register(
+                r, config, node, {"role": "prefill", "slots": 1, "model": "fd-tiny", "device": "cpu"}
+            )
+            loadtable.publish(
+                r,
+                config,
+                "prefill",
+                node,
+                running=0,
+                slots=1,
+                own_queue=keys.node_queue(topic, "prefill", node),
+            )
         return loadtable.scores(r, config, "prefill")
 
     assert publish_all() == {nodes[0]: 0.0, nodes[1]: 0.0}
@@ -129,27 +151,55 @@ def test_prefill_placement_weighs_prompt_tokens_and_releases_them(redis_server):
     loadtable.release(r, config, other, loadtable.ledger_entry("short0", 16))  # a prefill ended
     assert publish_all()[other] == pytest.approx(5 * 16 / loadtable.PREFILL_TOKEN_UNIT)
     # scheduler_release_load_expire_period (1 s): the other ends never came
-    wait_until(lambda: publish_all() == {nodes[0]: 0.0, nodes[1]: 0.0}, 10, "the charges with no end to expire")
+    wait_until(
+        lambda: publish_all() == {nodes[0]: 0.0, nodes[1]: 0.0}, 10, "the charges with no end to expire"
+    )
     assert r.zcard(keys.prefill_ledger(topic, big)) == 0
 
 
-def _fake_prefill(sw_app: Celery, engine, request_id: str, store: str, **tamper) -> tuple[dict, kvstore.KVRef]:
+def _fake_prefill(
+    sw_app: Celery, engine, request_id: str, store: str, **tamper
+) -> tuple[dict, kvstore.KVRef]:
     """A real blob and a real reference, as a prefill node writes them; then edited."""
     ids = engine.encode("tamper")
     cache, first = engine.prefill(ids, SamplingParams(0.0, 1))
-    ref = kvstore.put(cache, kind=store, topic=TOPIC, request_id=request_id, owner="p1@test", host="test",
-                      ttl_s=60, first_token=first, prompt_tokens=len(ids), client=_redis(sw_app))
+    ref = kvstore.put(
+        cache,
+        kind=store,
+        topic=TOPIC,
+        request_id=request_id,
+        owner="p1@test",
+        host="test",
+        ttl_s=60,
+        first_token=first,
+        prompt_tokens=len(ids),
+        client=_redis(sw_app),
+    )
     return {**ref.to_dict(), **tamper}, ref
 
 
 def _send_decode(sw_app: Celery, node: str, request_id: str, prefill_id: str) -> None:
     """An ``fd.decode`` as a prefill node sends it, for the reference stored under ``prefill_id``."""
-    sw_app.send_task("fd.decode", task_id=f"{request_id}-d", kwargs={
-        "request_id": request_id, "prefill_id": prefill_id, "node": node,
-        "request": {"prompt": "tamper", "max_tokens": 5, "temperature": 0.0, "seed": 1,
-                    "token_ids": None, "node": None},
-        "submitted": time.time(), "started": time.time(), "first_token_at": time.time(),
-    })
+    sw_app.send_task(
+        "fd.decode",
+        task_id=f"{request_id}-d",
+        kwargs={
+            "request_id": request_id,
+            "prefill_id": prefill_id,
+            "node": node,
+            "request": {
+                "prompt": "tamper",
+                "max_tokens": 5,
+                "temperature": 0.0,
+                "seed": 1,
+                "token_ids": None,
+                "node": None,
+            },
+            "submitted": time.time(),
+            "started": time.time(),
+            "first_token_at": time.time(),
+        },
+    )
 
 
 def _redis(app: Celery):
@@ -171,7 +221,9 @@ TAMPERED = {
 
 @pytest.mark.parametrize("store", ["shm", "redis"])
 @pytest.mark.parametrize("case", list(TAMPERED))
-def test_bad_reference_gives_kv_ref_error_and_decode_keeps_serving(sw, sw_app, sw_client, engine, store, case):
+def test_bad_reference_gives_kv_ref_error_and_decode_keeps_serving(
+    sw, sw_app, sw_client, engine, store, case
+):
     request_id = f"tamper-{uuid.uuid4().hex[:10]}"
     data, real = _fake_prefill(sw_app, engine, request_id, store, **TAMPERED[case])
     prefill_id = f"{request_id}-p"
@@ -207,11 +259,15 @@ def test_cuda_reference_on_a_cpu_decode_node_is_refused_and_it_keeps_serving(sw,
 
 def test_no_decode_node_is_an_error_at_submit(redis_server):
     topic = f"sw-nodecode-{uuid.uuid4().hex[:6]}"
-    with LocalCluster(redis_server, env={"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "splitwise"}) as lonely:
+    with LocalCluster(
+        redis_server, env={"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "splitwise"}
+    ) as lonely:
         worker = lonely.add_worker("lp", env={"FD_ROLE": "prefill"})
         lonely.wait_live([worker.node], topic=topic)
         app = Celery("client-lonely", set_as_current=False)
-        fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=topic, scheduler_name="splitwise")
+        fd_celery.install(
+            app, scheduler_port=redis_server.port, scheduler_topic=topic, scheduler_name="splitwise"
+        )
         with pytest.raises(NoNodeAvailable, match="decode"):
             fd_celery.Client(app).submit("nobody decodes", max_tokens=4)
 
@@ -224,12 +280,18 @@ def test_a_silent_decode_node_is_no_longer_chosen(sw, sw_client, redis_server):
     d2.signal(signal.SIGSTOP)
     try:
         # silent for scheduler_expire_period (3000 ms)
-        wait_until(lambda: not registry.is_live(nodes, sw_client.config, d2.node), 30, "the stopped d2 to expire")
-        results = [h.result(timeout=60) for h in [sw_client.submit("quiet", max_tokens=3, seed=i) for i in range(8)]]
+        wait_until(
+            lambda: not registry.is_live(nodes, sw_client.config, d2.node), 30, "the stopped d2 to expire"
+        )
+        results = [
+            h.result(timeout=60) for h in [sw_client.submit("quiet", max_tokens=3, seed=i) for i in range(8)]
+        ]
         assert {r.served_by[1] for r in results} == {d1.node}
     finally:
         d2.signal(signal.SIGCONT)
-    wait_until(lambda: registry.is_live(nodes, sw_client.config, d2.node), 30, "d2 to beat again after SIGCONT")
+    wait_until(
+        lambda: registry.is_live(nodes, sw_client.config, d2.node), 30, "d2 to beat again after SIGCONT"
+    )
 
 
 def test_no_blob_is_left_after_200_requests(sw, sw_client, redis_server):
@@ -238,10 +300,14 @@ def test_no_blob_is_left_after_200_requests(sw, sw_client, redis_server):
     assert len({r.request_id for r in results}) == 200
     files = [n for n in os.listdir(kvstore.SHM_DIR) if n.startswith(f"{kvstore.SHM_PREFIX}{TOPIC}-")]
     # What may stay: the prefill processes' recycled files, idle under their free names.
-    leftover_shm = [n for n in files if not re.fullmatch(rf"{kvstore.SHM_PREFIX}{TOPIC}-free-\d+-[0-9a-f]{{8}}-\d+", n)]
+    leftover_shm = [
+        n for n in files if not re.fullmatch(rf"{kvstore.SHM_PREFIX}{TOPIC}-free-\d+-[0-9a-f]{{8}}-\d+", n)
+    ]
     leftover_redis = redis_server.client().keys(f"fd:{TOPIC}:kv:*")
     assert leftover_shm == [] and leftover_redis == []
-    charged = {k: redis_server.client().zrange(k, 0, -1) for k in redis_server.client().keys(f"fd:{TOPIC}:ptok:*")}
+    charged = {
+        k: redis_server.client().zrange(k, 0, -1) for k in redis_server.client().keys(f"fd:{TOPIC}:ptok:*")
+    }
     assert not any(charged.values()), f"prefill charges not released: {charged}"
     deadline = time.monotonic() + 5  # decode's writer thread takes each blob out of the index
     while redis_server.client().hlen(keys.kv_held(TOPIC)) and time.monotonic() < deadline:
@@ -270,7 +336,9 @@ def test_shm_slots_are_recycled_and_gone_when_the_nodes_stop(redis_server):
             pools.add(ref["pool"])
             seen.update(n for n in os.listdir(kvstore.SHM_DIR) if n.startswith(prefix))
         assert seen and all("-free-" in n for n in seen), seen
-        assert len(seen) == 1 and seen == pools, f"one request at a time should use one recycled file, saw {sorted(seen)}"
+        assert len(seen) == 1 and seen == pools, (
+            f"one request at a time should use one recycled file, saw {sorted(seen)}"
+        )
     assert [n for n in os.listdir(kvstore.SHM_DIR) if n.startswith(prefix)] == []
 
 
@@ -306,8 +374,17 @@ def _blob_cache(engine: Any, prompt: str = "pool slots in one process") -> Any:
 
 
 def _put_shm(cache: Any, request_id: str) -> kvstore.KVRef:
-    return kvstore.put(cache, kind="shm", topic=run_topic("pool-unit"), request_id=request_id, owner="p@h", host="h",
-                       ttl_s=60, first_token=0, prompt_tokens=cache.num_tokens)
+    return kvstore.put(
+        cache,
+        kind="shm",
+        topic=run_topic("pool-unit"),
+        request_id=request_id,
+        owner="p@h",
+        host="h",
+        ttl_s=60,
+        first_token=0,
+        prompt_tokens=cache.num_tokens,
+    )
 
 
 def test_shm_slot_lifecycle(engine):
@@ -318,7 +395,9 @@ def test_shm_slot_lifecycle(engine):
     cache = _blob_cache(engine)
     ref = _put_shm(cache, "pool-a")
     free = os.path.join(kvstore.SHM_DIR, ref.pool)
-    assert ref.pool and not os.path.exists(free) and os.path.exists(os.path.join(kvstore.SHM_DIR, ref.location))
+    assert (
+        ref.pool and not os.path.exists(free) and os.path.exists(os.path.join(kvstore.SHM_DIR, ref.location))
+    )
     taken = kvstore.take(ref, "cpu")
     for got, want in zip(taken.tensors(), cache.tensors()):
         assert torch.equal(got, want)
@@ -338,7 +417,12 @@ def test_shm_slot_lifecycle(engine):
 def test_shm_pool_name_cannot_leave_the_store(engine):
     ref = _put_shm(_blob_cache(engine), "pool-c")
     try:
-        for bad in ("../../tmp/x", "fdkv-other-free-123-01234567-0", ref.pool + "/../x", "/dev/shm/" + ref.pool):
+        for bad in (
+            "../../tmp/x",
+            "fdkv-other-free-123-01234567-0",
+            ref.pool + "/../x",
+            "/dev/shm/" + ref.pool,
+        ):
             with pytest.raises(KVRefError, match="pool name"):
                 kvstore.KVRef.from_dict({**ref.to_dict(), "pool": bad})
         edited = kvstore.KVRef.from_dict({**ref.to_dict(), "pool": ref.pool[:-1] + "9"})
@@ -357,8 +441,10 @@ def test_pool_copy_sums_what_it_copies(window, monkeypatch):
     monkeypatch.setattr(kvblob, "COPY_WINDOW", window)
     rng = random.Random(window)
     for _ in range(200):
-        parts = [torch.randint(0, 256, (rng.choice([0, 1, 3, 4, 7, 8, 60, 64, 65, 200]),), dtype=torch.uint8)
-                 for _ in range(rng.randint(0, 6))]
+        parts = [
+            torch.randint(0, 256, (rng.choice([0, 1, 3, 4, 7, 8, 60, 64, 65, 200]),), dtype=torch.uint8)
+            for _ in range(rng.randint(0, 6))
+        ]
         dest = torch.empty(sum(len(p) for p in parts), dtype=torch.uint8)
         checksum = kvblob.copy_summed(dest, parts)
         assert torch.equal(dest, torch.cat(parts)) if parts else len(dest) == 0

@@ -33,16 +33,30 @@ REPO = Path(__file__).resolve().parents[1]
 TOPIC_G = run_topic("status")
 EXPIRE_S = 3.0  # the default scheduler_expire_period
 FIELDS = {
-    "node": str, "role": str, "load_score": float, "queue": int, "slots": int, "running": int,
-    "heartbeat_age_s": float, "steals_made": int, "steals_suffered": int, "kv_bytes": int,
+    "node": str,
+    "role": str,
+    "load_score": float,
+    "queue": int,
+    "slots": int,
+    "running": int,
+    "heartbeat_age_s": float,
+    "steals_made": int,
+    "steals_suffered": int,
+    "kv_bytes": int,
 }
 
 
 def fd_cmd(port: int, topic: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FD_")}
     env.update({"FD_SCHEDULER_PORT": str(port), "FD_SCHEDULER_TOPIC": topic})
-    return subprocess.run([sys.executable, "-m", "celery", "-A", "workers.mixed", "fd", *args],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.mixed", "fd", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def status(port: int, topic: str) -> dict[str, Any]:
@@ -71,8 +85,19 @@ def test_lists_exactly_the_live_nodes_of_the_session_cluster(redis_server, clust
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert f"topic '{TOPIC}'" in lines[0] and "1 live node(s)" in lines[0]
-    for heading in ("node", "role", "load", "queue", "slots", "running", "heartbeat", "stole",
-                    "stolen from", "KV held", "KV stores"):
+    for heading in (
+        "node",
+        "role",
+        "load",
+        "queue",
+        "slots",
+        "running",
+        "heartbeat",
+        "stole",
+        "stolen from",
+        "KV held",
+        "KV stores",
+    ):
         assert heading in lines[1], lines[1]
     assert lines[2].startswith(cluster.workers[0].node) and " shm,redis " in lines[2]
 
@@ -123,9 +148,14 @@ def test_a_node_on_paper_shows_its_queue_and_load_then_expires(redis_server):
 
 @pytest.fixture(scope="module")
 def gcluster(redis_server: RedisServer) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(redis_server, env={
-        "FD_SCHEDULER_TOPIC": TOPIC_G, "FD_SCHEDULER_NAME": "global", "FD_SCHEDULER_MIN_LOAD_SCORE": "1",
-    })
+    cluster = LocalCluster(
+        redis_server,
+        env={
+            "FD_SCHEDULER_TOPIC": TOPIC_G,
+            "FD_SCHEDULER_NAME": "global",
+            "FD_SCHEDULER_MIN_LOAD_SCORE": "1",
+        },
+    )
     try:
         workers = [cluster.add_worker("sa"), cluster.add_worker("sb")]
         cluster.wait_live([w.node for w in workers], topic=TOPIC_G)
@@ -137,18 +167,35 @@ def gcluster(redis_server: RedisServer) -> Iterator[LocalCluster]:
 def test_steals_kv_bytes_and_nodes_leaving(redis_server, gcluster, engine):
     a, b = gcluster.workers
     app = Celery("client-status", set_as_current=False)
-    fd_celery.install(app, scheduler_port=redis_server.port, scheduler_topic=TOPIC_G, scheduler_name="global",
-                      scheduler_min_load_score=1)
+    fd_celery.install(
+        app,
+        scheduler_port=redis_server.port,
+        scheduler_topic=TOPIC_G,
+        scheduler_name="global",
+        scheduler_min_load_score=1,
+    )
     client = fd_celery.Client(app)
-    results = [h.result(timeout=120) for h in
-               [client.submit("status", max_tokens=40, seed=i, node=a.node) for i in range(8)]]
+    results = [
+        h.result(timeout=120)
+        for h in [client.submit("status", max_tokens=40, seed=i, node=a.node) for i in range(8)]
+    ]
     stolen = sum(res.stolen for res in results)
     assert stolen >= 1, "the idle node stole nothing"
 
     r = redis_server.client()
     cache, first = engine.prefill(engine.encode("kv"), SamplingParams(0.0, 1))
-    ref = kvstore.put(cache, kind="redis", topic=TOPIC_G, request_id=uuid.uuid4().hex, owner=a.node, host="h",
-                      ttl_s=60, first_token=first, prompt_tokens=cache.num_tokens, client=r)
+    ref = kvstore.put(
+        cache,
+        kind="redis",
+        topic=TOPIC_G,
+        request_id=uuid.uuid4().hex,
+        owner=a.node,
+        host="h",
+        ttl_s=60,
+        first_token=first,
+        prompt_tokens=cache.num_tokens,
+        client=r,
+    )
 
     rows = by_node(status(redis_server.port, TOPIC_G))
     assert set(rows) == {a.node, b.node}

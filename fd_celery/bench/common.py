@@ -19,7 +19,9 @@ def write_json(out_dir: str, name: str, data: Mapping[str, Any]) -> str:
     return path
 
 
-def bar_plot(out_dir: str, name: str, title: str, labels: list[str], values: list[float], unit: str) -> str | None:
+def bar_plot(
+    out_dir: str, name: str, title: str, labels: list[str], values: list[float], unit: str
+) -> str | None:
     """A bar chart as PNG, or None (with a note) when matplotlib is not installed."""
     try:
         import matplotlib

@@ -49,26 +49,41 @@ def run_dispatch(
 
     with LocalCluster(env={"FD_SCHEDULER_TOPIC": TOPIC, "FD_SCHEDULER_NAME": scheduler}) as cluster:
         fd_worker = cluster.add_worker("fd", concurrency=concurrency)
-        null_worker = cluster.add_worker("fdnull", concurrency=concurrency, env={
-            "FD_SCHEDULER_TOPIC": NULL_TOPIC, "FD_MODEL": "bench-sleep:0"})
-        cluster.add_worker("plain", app="fd_celery.bench.plain_app", concurrency=concurrency,
-                           env={"BENCH_PLAIN_QUEUE": "plain"}, extra_args=["-Q", "plain"])
-        cluster.add_worker("matched", app="fd_celery.bench.plain_app", concurrency=concurrency,
-                           env={"BENCH_PLAIN_QUEUE": "plain-matched", "BENCH_PLAIN_MATCHED": "1"},
-                           extra_args=["-Q", "plain-matched"])
+        null_worker = cluster.add_worker(
+            "fdnull",
+            concurrency=concurrency,
+            env={"FD_SCHEDULER_TOPIC": NULL_TOPIC, "FD_MODEL": "bench-sleep:0"},
+        )
+        cluster.add_worker(
+            "plain",
+            app="fd_celery.bench.plain_app",
+            concurrency=concurrency,
+            env={"BENCH_PLAIN_QUEUE": "plain"},
+            extra_args=["-Q", "plain"],
+        )
+        cluster.add_worker(
+            "matched",
+            app="fd_celery.bench.plain_app",
+            concurrency=concurrency,
+            env={"BENCH_PLAIN_QUEUE": "plain-matched", "BENCH_PLAIN_MATCHED": "1"},
+            extra_args=["-Q", "plain-matched"],
+        )
         cluster.wait_live([fd_worker.node], topic=TOPIC)
         cluster.wait_live([null_worker.node], topic=NULL_TOPIC)
 
         fd_app = Celery("bench-fd", set_as_current=False)
-        fd_celery.install(fd_app, scheduler_port=cluster.redis.port, scheduler_topic=TOPIC,
-                          scheduler_name=scheduler)
+        fd_celery.install(
+            fd_app, scheduler_port=cluster.redis.port, scheduler_topic=TOPIC, scheduler_name=scheduler
+        )
         client = fd_celery.Client(fd_app)
         null_app = Celery("bench-fd-null", set_as_current=False)
-        fd_celery.install(null_app, scheduler_port=cluster.redis.port, scheduler_topic=NULL_TOPIC,
-                          scheduler_name=scheduler)
+        fd_celery.install(
+            null_app, scheduler_port=cluster.redis.port, scheduler_topic=NULL_TOPIC, scheduler_name=scheduler
+        )
         null_client = fd_celery.Client(null_app)
-        plain_app = Celery("bench-plain", broker=cluster.redis.url(), backend=cluster.redis.url(),
-                           set_as_current=False)
+        plain_app = Celery(
+            "bench-plain", broker=cluster.redis.url(), backend=cluster.redis.url(), set_as_current=False
+        )
         plain_app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
 
         systems: dict[str, Callable[[int], float]] = {
@@ -104,16 +119,28 @@ def run_dispatch(
     }
     click.echo("")
     click.echo(f"fd_celery      {best['fd_celery']:8.0f} req/s (one-token requests, real model)")
-    click.echo(f"fd_celery-null {best['fd_celery-null']:8.0f} req/s (one-token requests, engine that computes nothing)")
+    click.echo(
+        f"fd_celery-null {best['fd_celery-null']:8.0f} req/s (one-token requests, engine that computes nothing)"
+    )
     click.echo(f"plain Celery   {best['plain']:8.0f} req/s (no-op task, Celery defaults)")
     click.echo(f"plain matched  {best['plain-matched']:8.0f} req/s (no-op task, late acks, no prefetch)")
-    click.echo(f"ratio fd/plain {report['ratio_vs_plain']:.2f}; fd/plain-matched "
-               f"{report['ratio_vs_plain_matched']:.2f} (the model's own compute included)")
-    click.echo(f"ratio fd-null/plain {report['ratio_null_vs_plain']:.2f}; fd-null/plain-matched "
-               f"{report['ratio_null_vs_plain_matched']:.2f} (scheduling overhead alone; target >= 0.8)")
+    click.echo(
+        f"ratio fd/plain {report['ratio_vs_plain']:.2f}; fd/plain-matched "
+        f"{report['ratio_vs_plain_matched']:.2f} (the model's own compute included)"
+    )
+    click.echo(
+        f"ratio fd-null/plain {report['ratio_null_vs_plain']:.2f}; fd-null/plain-matched "
+        f"{report['ratio_null_vs_plain_matched']:.2f} (scheduling overhead alone; target >= 0.8)"
+    )
     write_json(out_dir, f"dispatch-{scheduler}", report)
-    bar_plot(out_dir, f"dispatch-{scheduler}", f"{scheduler} scheduler: dispatch throughput, {concurrency} pool process(es), best of {rounds}",
-             list(best), list(best.values()), "requests / s")
+    bar_plot(
+        out_dir,
+        f"dispatch-{scheduler}",
+        f"{scheduler} scheduler: dispatch throughput, {concurrency} pool process(es), best of {rounds}",
+        list(best),
+        list(best.values()),
+        "requests / s",
+    )
     return report
 
 

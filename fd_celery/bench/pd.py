@@ -62,13 +62,29 @@ def _measure(client: Any, mb: int, repeat: int) -> dict[str, Any]:
     payload = blob.tobytes()
     # Each store beside its own baseline (Redis frees big values on its own threads, on the same
     # cores: a Redis round trip would slow whatever runs next).
-    best = _best({"memcpy": lambda: np.copyto(target, blob),
-                  "shm": lambda: _round_trip(client, cache, "shm", mb, "cpu")}, repeat)
-    best.update(_best({"raw_redis": lambda: (client.set("fd:bench:raw", payload), client.getdel("fd:bench:raw")),
-                       "redis": lambda: _round_trip(client, cache, "redis", mb, "cpu")}, repeat))
-    row: dict[str, Any] = {"size_mb": round(nbytes / (1 << 20), 1), "bytes": nbytes,
-                           "memcpy_gb_s": nbytes / best["memcpy"] / 1e9, "memcpy_ms": best["memcpy"] * 1000,
-                           "raw_redis_set_get_gb_s": nbytes / best["raw_redis"] / 1e9}
+    best = _best(
+        {
+            "memcpy": lambda: np.copyto(target, blob),
+            "shm": lambda: _round_trip(client, cache, "shm", mb, "cpu"),
+        },
+        repeat,
+    )
+    best.update(
+        _best(
+            {
+                "raw_redis": lambda: (client.set("fd:bench:raw", payload), client.getdel("fd:bench:raw")),
+                "redis": lambda: _round_trip(client, cache, "redis", mb, "cpu"),
+            },
+            repeat,
+        )
+    )
+    row: dict[str, Any] = {
+        "size_mb": round(nbytes / (1 << 20), 1),
+        "bytes": nbytes,
+        "memcpy_gb_s": nbytes / best["memcpy"] / 1e9,
+        "memcpy_ms": best["memcpy"] * 1000,
+        "raw_redis_set_get_gb_s": nbytes / best["raw_redis"] / 1e9,
+    }
     for kind in ("shm", "redis"):
         row[f"{kind}_gb_s"] = nbytes / best[kind] / 1e9
         row[f"{kind}_ms"] = best[kind] * 1000
@@ -84,8 +100,19 @@ def _round_trip(client: Any, cache: Any, kind: str, mb: int, device: str) -> Non
     from fd_celery import kv
 
     # (hold/release off: the bytes-held index rides on round trips the hand-off makes anyway)
-    ref = kv.put(cache, kind=kind, topic=TOPIC, request_id=f"b{mb}", owner="bench", host=socket.gethostname(),
-                      ttl_s=60, first_token=0, prompt_tokens=cache.num_tokens, client=client, hold=False)
+    ref = kv.put(
+        cache,
+        kind=kind,
+        topic=TOPIC,
+        request_id=f"b{mb}",
+        owner="bench",
+        host=socket.gethostname(),
+        ttl_s=60,
+        first_token=0,
+        prompt_tokens=cache.num_tokens,
+        client=client,
+        hold=False,
+    )
     kv.take(ref, device, client, release=False)
     if device != "cpu":
         import torch
@@ -110,8 +137,12 @@ def _measure_cuda(client: Any, cache: Any, mb: int, repeat: int) -> dict[str, An
         torch.cuda.synchronize()
 
     best = _best({"d2d": d2d, "cuda": lambda: _round_trip(client, gpu, "cuda", mb, "cuda")}, repeat)
-    return {"d2d_copy_gb_s": cache.nbytes / best["d2d"] / 1e9, "cuda_gb_s": cache.nbytes / best["cuda"] / 1e9,
-            "cuda_ms": best["cuda"] * 1000, "cuda_vs_d2d_copy": best["d2d"] / best["cuda"]}
+    return {
+        "d2d_copy_gb_s": cache.nbytes / best["d2d"] / 1e9,
+        "cuda_gb_s": cache.nbytes / best["cuda"] / 1e9,
+        "cuda_ms": best["cuda"] * 1000,
+        "cuda_vs_d2d_copy": best["d2d"] / best["cuda"],
+    }
 
 
 def _stores(redis_server: RedisServer, repeat: int) -> list[dict[str, Any]]:
@@ -120,13 +151,17 @@ def _stores(redis_server: RedisServer, repeat: int) -> list[dict[str, Any]]:
     for mb in SIZES_MB:
         row = _measure(client, mb, repeat)
         rows.append(row)
-        click.echo(f"{row['size_mb']:7.1f} MB  memcpy {row['memcpy_gb_s']:6.2f} GB/s  "
-                   f"shm {row['shm_gb_s']:6.2f} GB/s ({row['shm_vs_memcpy']:.0%} of memcpy)  "
-                   f"redis {row['redis_gb_s']:6.2f} GB/s ({row['redis_vs_raw_redis']:.0%} of raw SET+GET "
-                   f"{row['raw_redis_set_get_gb_s']:.2f} GB/s)")
+        click.echo(
+            f"{row['size_mb']:7.1f} MB  memcpy {row['memcpy_gb_s']:6.2f} GB/s  "
+            f"shm {row['shm_gb_s']:6.2f} GB/s ({row['shm_vs_memcpy']:.0%} of memcpy)  "
+            f"redis {row['redis_gb_s']:6.2f} GB/s ({row['redis_vs_raw_redis']:.0%} of raw SET+GET "
+            f"{row['raw_redis_set_get_gb_s']:.2f} GB/s)"
+        )
         if "cuda_gb_s" in row:
-            click.echo(f"{'':7} GPU   copy {row['d2d_copy_gb_s']:6.2f} GB/s  cuda {row['cuda_gb_s']:6.2f} GB/s "
-                       f"({row['cuda_vs_d2d_copy']:.0%} of a device copy, one process)")
+            click.echo(
+                f"{'':7} GPU   copy {row['d2d_copy_gb_s']:6.2f} GB/s  cuda {row['cuda_gb_s']:6.2f} GB/s "
+                f"({row['cuda_vs_d2d_copy']:.0%} of a device copy, one process)"
+            )
     return rows
 
 
@@ -139,7 +174,9 @@ def _cluster_figures(redis_server: RedisServer, requests: int, stream_tokens: in
         client = cluster.client(TOPIC, scheduler_name="splitwise")
         for _ in range(3):  # warm-up
             client.submit("warm", max_tokens=2).result(timeout=120)
-        results = [client.submit(f"handoff {i}", max_tokens=2, seed=i).result(timeout=120) for i in range(requests)]
+        results = [
+            client.submit(f"handoff {i}", max_tokens=2, seed=i).result(timeout=120) for i in range(requests)
+        ]
         handoff_ms = [r.extra["handoff_s"] * 1000 for r in results]
         handle = client.submit("stream", max_tokens=stream_tokens, seed=1)
         arrivals = [time.perf_counter() for chunk in handle.stream(timeout=300) for _ in chunk.token_ids]
@@ -151,8 +188,12 @@ def _cluster_figures(redis_server: RedisServer, requests: int, stream_tokens: in
     count = sum(1 for _ in engine.generate(ids, SamplingParams(0.0, 1), stream_tokens))
     alone = count / (time.perf_counter() - started)
     return {
-        "handoff_ms": {"p50": _percentile(handoff_ms, 0.5), "p99": _percentile(handoff_ms, 0.99),
-                       "mean": statistics.fmean(handoff_ms), "count": len(handoff_ms)},
+        "handoff_ms": {
+            "p50": _percentile(handoff_ms, 0.5),
+            "p99": _percentile(handoff_ms, 0.99),
+            "mean": statistics.fmean(handoff_ms),
+            "count": len(handoff_ms),
+        },
         "kv_store_used": results[0].extra.get("kv_store"),
         "stream_tokens_per_s": streamed,
         "engine_alone_tokens_per_s": alone,
@@ -174,19 +215,36 @@ def run_pd(repeat: int, requests: int, stream_tokens: int, out_dir: str) -> dict
         "benchmark": "pd",
         "stores": stores,
         **cluster,
-        "targets": {"shm_vs_memcpy_at_16mb_plus": 0.5, "redis_vs_raw_redis": 0.5, "handoff_overhead_ms_p50": 5},
+        "targets": {
+            "shm_vs_memcpy_at_16mb_plus": 0.5,
+            "redis_vs_raw_redis": 0.5,
+            "handoff_overhead_ms_p50": 5,
+        },
         "shm_vs_memcpy_min_16mb_plus": min(row["shm_vs_memcpy"] for row in big),
         "redis_vs_raw_redis_min": min(row["redis_vs_raw_redis"] for row in stores),
     }
-    click.echo(f"hand-off (prefill first token -> decode start): p50 {cluster['handoff_ms']['p50']:.2f} ms, "
-               f"p99 {cluster['handoff_ms']['p99']:.2f} ms over {cluster['handoff_ms']['count']} requests "
-               f"({cluster['kv_store_used']} store)")
-    click.echo(f"streaming: {cluster['stream_tokens_per_s']:.0f} tokens/s through the stream vs "
-               f"{cluster['engine_alone_tokens_per_s']:.0f} tokens/s engine alone "
-               f"({cluster['stream_vs_engine']:.0%})")
+    click.echo(
+        f"hand-off (prefill first token -> decode start): p50 {cluster['handoff_ms']['p50']:.2f} ms, "
+        f"p99 {cluster['handoff_ms']['p99']:.2f} ms over {cluster['handoff_ms']['count']} requests "
+        f"({cluster['kv_store_used']} store)"
+    )
+    click.echo(
+        f"streaming: {cluster['stream_tokens_per_s']:.0f} tokens/s through the stream vs "
+        f"{cluster['engine_alone_tokens_per_s']:.0f} tokens/s engine alone "
+        f"({cluster['stream_vs_engine']:.0%})"
+    )
     write_json(out_dir, "pd", report)
-    bar_plot(out_dir, "pd", "KV hand-off throughput at the largest size (GB/s)",
-             ["memcpy", "shm store", "raw Redis SET+GET", "redis store"],
-             [stores[-1]["memcpy_gb_s"], stores[-1]["shm_gb_s"], stores[-1]["raw_redis_set_get_gb_s"],
-              stores[-1]["redis_gb_s"]], "GB/s")
+    bar_plot(
+        out_dir,
+        "pd",
+        "KV hand-off throughput at the largest size (GB/s)",
+        ["memcpy", "shm store", "raw Redis SET+GET", "redis store"],
+        [
+            stores[-1]["memcpy_gb_s"],
+            stores[-1]["shm_gb_s"],
+            stores[-1]["raw_redis_set_get_gb_s"],
+            stores[-1]["redis_gb_s"],
+        ],
+        "GB/s",
+    )
     return report

@@ -134,8 +134,16 @@ def run_demo(
 _CLUSTERS: list[Any] = []  # the clusters this process started (one per run_demo)
 
 
-def _run(redis_server: Any, plan: list[NodePlan], topic: str, scheduler: str, num_requests: int,
-         max_tokens: int, out_path: str, logs: list[str]) -> int:
+def _run(
+    redis_server: Any,
+    plan: list[NodePlan],
+    topic: str,
+    scheduler: str,
+    num_requests: int,
+    max_tokens: int,
+    out_path: str,
+    logs: list[str],
+) -> int:
     from fd_celery.local_cluster import LocalCluster
 
     click.echo("fd_celery demo: starting a private Redis ...")
@@ -149,8 +157,10 @@ def _run(redis_server: Any, plan: list[NodePlan], topic: str, scheduler: str, nu
     cluster = LocalCluster(redis_server, env={"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": scheduler})
     _CLUSTERS.append(cluster)
     roles = Counter(p.role for p in plan)
-    click.echo(f"starting {len(plan)} worker(s) ({', '.join(f'{n} {r}' for r, n in roles.items())}; "
-               f"`celery -A workers.<role> worker -c 1`, built-in model on cpu) ...")
+    click.echo(
+        f"starting {len(plan)} worker(s) ({', '.join(f'{n} {r}' for r, n in roles.items())}; "
+        f"`celery -A workers.<role> worker -c 1`, built-in model on cpu) ..."
+    )
     for p in plan:
         worker = cluster.add_worker(p.name, app=f"workers.{p.role}", env={"FD_ROLE": p.role})
         logs.append(worker.log_path)
@@ -196,11 +206,14 @@ def _stop(clusters: list[Any], redis_server: Any, keep_logs: bool = False) -> No
 
 
 def _burst_line(scheduler: str, num_requests: int, max_tokens: int, nodes: Sequence[str]) -> str:
-    line = (f"sending {num_requests} requests of {max(1, max_tokens // 4)}-{max_tokens} tokens "
-            f"(scheduler {scheduler})")
+    line = (
+        f"sending {num_requests} requests of {max(1, max_tokens // 4)}-{max_tokens} tokens "
+        f"(scheduler {scheduler})"
+    )
     if scheduler == "global":
-        line += (f"; {_skewed(num_requests)} of them to {_short(nodes[0])} (node=), so the others "
-                 "steal from it")
+        line += (
+            f"; {_skewed(num_requests)} of them to {_short(nodes[0])} (node=), so the others steal from it"
+        )
     return line
 
 
@@ -261,8 +274,10 @@ class Progress:
         width = 24
         filled = int(width * self.ended / self.total)
         failed = f", {self.failed} failed" if self.failed else ""
-        return (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} done{failed}, "
-                f"{self.tokens} tokens, {elapsed:4.1f}s  {nodes}")
+        return (
+            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} done{failed}, "
+            f"{self.tokens} tokens, {elapsed:4.1f}s  {nodes}"
+        )
 
 
 class _Demo:
@@ -275,8 +290,13 @@ class _Demo:
         self.plan = plan
         self.nodes = list(nodes)
         self.app = Celery("fd-demo-client", set_as_current=False)
-        fd_celery.install(self.app, scheduler_host="127.0.0.1", scheduler_port=port, scheduler_topic=topic,
-                          scheduler_name=scheduler)
+        fd_celery.install(
+            self.app,
+            scheduler_host="127.0.0.1",
+            scheduler_port=port,
+            scheduler_topic=topic,
+            scheduler_name=scheduler,
+        )
         self.client = fd_celery.Client(self.app)
 
     def warm_up(self) -> None:
@@ -285,8 +305,10 @@ class _Demo:
         first = [n for n, p in zip(self.nodes, self.plan) if p.role != "decode"]
         decode = [n for n, p in zip(self.nodes, self.plan) if p.role == "decode"]
         count = max(len(first), 2 * len(decode))
-        handles = [self.client.submit("warm up", max_tokens=3, seed=i, node=first[i % len(first)])
-                   for i in range(count)]
+        handles = [
+            self.client.submit("warm up", max_tokens=3, seed=i, node=first[i % len(first)])
+            for i in range(count)
+        ]
         for handle in handles:
             handle.result(timeout=REQUEST_TIMEOUT_S)
 
@@ -328,8 +350,9 @@ class _Demo:
             pinned = self.nodes[0] if self.scheduler == "global" and _pinned(i) else None
             record = Record(i, time.time(), tokens, pinned)
             try:
-                handle = self.client.submit(PROMPTS[i % len(PROMPTS)], max_tokens=tokens, temperature=0.8,
-                                            seed=i, node=pinned)
+                handle = self.client.submit(
+                    PROMPTS[i % len(PROMPTS)], max_tokens=tokens, temperature=0.8, seed=i, node=pinned
+                )
             except fd_celery.FDCeleryError as exc:
                 record.error, record.finished = f"{type(exc).__name__}: {exc}", time.time()
                 progress.failed += 1
@@ -371,10 +394,14 @@ def _ms(value: float) -> str:
     return "-" if value != value else f"{value * 1000:.1f}"
 
 
-def _report(records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan], nodes: Sequence[str]) -> None:
+def _report(
+    records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan], nodes: Sequence[str]
+) -> None:
     ok = [r for r in records if r.error is None and r.result is not None]
     click.echo("who served what")
-    click.echo(f"{'#':>4}  {'served by':28} {'tokens':>6} {'queue ms':>9} {'TTFT ms':>8} {'TPOT ms':>8}  text")
+    click.echo(
+        f"{'#':>4}  {'served by':28} {'tokens':>6} {'queue ms':>9} {'TTFT ms':>8} {'TPOT ms':>8}  text"
+    )
     for r in records[:MAX_ROWS]:
         if r.result is None:
             click.echo(f"{r.index:>4}  {'-':28} {'-':>6} {'-':>9} {'-':>8} {'-':>8}  {r.error}")
@@ -384,16 +411,20 @@ def _report(records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan],
         if r.stolen_from:
             who += f" (stolen from {_short(r.stolen_from)})"
         text = res["text"].replace("\n", " ")[:20]
-        click.echo(f"{r.index:>4}  {who:28} {len(res['token_ids']):>6} {_ms(res.get('queue_s', 0.0)):>9} "
-                   f"{_ms(res['ttft_s']):>8} {_ms(res['tpot_s']):>8}  {text!r}")
+        click.echo(
+            f"{r.index:>4}  {who:28} {len(res['token_ids']):>6} {_ms(res.get('queue_s', 0.0)):>9} "
+            f"{_ms(res['ttft_s']):>8} {_ms(res['tpot_s']):>8}  {text!r}"
+        )
     if len(records) > MAX_ROWS:
         click.echo(f"  ... and {len(records) - MAX_ROWS} more")
 
     click.echo("")
     click.echo("per node")
     role_of = {n: p.role for n, p in zip(nodes, plan)}
-    heads = f"{'node':10} {'role':8} {'served':>6} {'stole':>6} {'stolen from':>11} {'tokens':>7} " \
-            f"{'TTFT p50':>9} {'TTFT p95':>9} {'TPOT p50':>9}"
+    heads = (
+        f"{'node':10} {'role':8} {'served':>6} {'stole':>6} {'stolen from':>11} {'tokens':>7} "
+        f"{'TTFT p50':>9} {'TTFT p95':>9} {'TPOT p50':>9}"
+    )
     click.echo(heads + "   (ms)")
     for node in nodes:
         first = [r.result for r in ok if r.result is not None and r.served_by[0] == node]
@@ -404,8 +435,10 @@ def _report(records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan],
         tokens = sum(len(res["token_ids"]) for res in last)
         ttft = [res["ttft_s"] for res in first]
         tpot = [res["tpot_s"] for res in last if len(res["token_ids"]) > 1]
-        click.echo(f"{_short(node):10} {role_of[node]:8} {served:>6} {stole:>6} {suffered:>11} {tokens:>7} "
-                   f"{_ms(_p(ttft, 0.5)):>9} {_ms(_p(ttft, 0.95)):>9} {_ms(_p(tpot, 0.5)):>9}")
+        click.echo(
+            f"{_short(node):10} {role_of[node]:8} {served:>6} {stole:>6} {suffered:>11} {tokens:>7} "
+            f"{_ms(_p(ttft, 0.5)):>9} {_ms(_p(ttft, 0.95)):>9} {_ms(_p(tpot, 0.5)):>9}"
+        )
 
     click.echo("")
     failed = len(records) - len(ok)
@@ -415,7 +448,8 @@ def _report(records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan],
     summary = f"{len(ok)} of {len(records)} requests completed, {failed} failed, in {makespan:.2f}s"
     if scheduler == "global":
         summary += f"; {sum(stolen.values())} stolen" + (
-            " (" + ", ".join(f"from {_short(n)}: {c}" for n, c in stolen.items()) + ")" if stolen else "")
+            " (" + ", ".join(f"from {_short(n)}: {c}" for n, c in stolen.items()) + ")" if stolen else ""
+        )
     if scheduler == "splitwise":
         summary += f"; {sum(1 for r in ok if len(r.served_by) > 1)} KV caches handed from prefill to decode"
     click.echo(summary)
@@ -439,8 +473,9 @@ class Span:
     kind: str  # "mixed", "stolen", "prefill", "decode"
 
 
-def _spans(records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan],
-           nodes: Sequence[str]) -> list[Span]:
+def _spans(
+    records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan], nodes: Sequence[str]
+) -> list[Span]:
     """Start and end of each request on each node, from its result's times relative to the
     submit time recorded here (the workers run on this host, so the clocks agree)."""
     t0 = min((r.submitted for r in records), default=0.0)
@@ -480,8 +515,9 @@ def _spans(records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan],
 COLOURS = {"mixed": "#4C72B0", "stolen": "#DD8452", "prefill": "#55A868", "decode": "#8172B3"}
 
 
-def _timeline(records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan], nodes: Sequence[str],
-              out_path: str) -> None:
+def _timeline(
+    records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan], nodes: Sequence[str], out_path: str
+) -> None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -500,19 +536,37 @@ def _timeline(records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan
     for span in spans:
         y = len(nodes) - 1 - rows.get(span.node, 0)
         width = max(span.end - span.start, makespan / 600)
-        ax.broken_barh([(span.start, width)], (y - 0.36, 0.72), facecolors=COLOURS[span.kind],
-                       edgecolor="white", linewidth=0.8, hatch="///" if span.kind == "stolen" else None)
+        ax.broken_barh(
+            [(span.start, width)],
+            (y - 0.36, 0.72),
+            facecolors=COLOURS[span.kind],
+            edgecolor="white",
+            linewidth=0.8,
+            hatch="///" if span.kind == "stolen" else None,
+        )
         if width > makespan / 45:
             hatched = span.kind == "stolen"
-            ax.text(span.start + width / 2, y, str(span.index), ha="center", va="center", fontsize=7,
-                    color="#222222" if hatched else "white",
-                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none"} if hatched else None)
+            ax.text(
+                span.start + width / 2,
+                y,
+                str(span.index),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="#222222" if hatched else "white",
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none"} if hatched else None,
+            )
         by_request[span.index][span.kind] = span
     for parts in by_request.values():  # splitwise hand-offs: prefill end -> decode start
         if "prefill" in parts and "decode" in parts:
             p, d = parts["prefill"], parts["decode"]
-            ax.plot([p.end, d.start], [len(nodes) - 1 - rows[p.node] - 0.36, len(nodes) - 1 - rows[d.node] + 0.36],
-                    color="#999999", linewidth=0.5, alpha=0.6)
+            ax.plot(
+                [p.end, d.start],
+                [len(nodes) - 1 - rows[p.node] - 0.36, len(nodes) - 1 - rows[d.node] + 0.36],
+                color="#999999",
+                linewidth=0.5,
+                alpha=0.6,
+            )
     ax.set_yticks(range(len(nodes)))
     ax.set_yticklabels([f"{_short(n)} ({role_of[n]})" for n in reversed(nodes)])
     ax.set_ylim(-0.7, len(nodes) - 0.3)
@@ -525,19 +579,33 @@ def _timeline(records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan
     if scheduler == "splitwise":
         handed = sum(1 for parts in by_request.values() if "decode" in parts)
         title += f", {handed} KV hand-offs"
-        legend = [Patch(facecolor=COLOURS["prefill"], label="prefill (until the first token)"),
-                  Patch(facecolor=COLOURS["decode"], label="decode (KV cache handed over)")]
+        legend = [
+            Patch(facecolor=COLOURS["prefill"], label="prefill (until the first token)"),
+            Patch(facecolor=COLOURS["decode"], label="decode (KV cache handed over)"),
+        ]
     else:
         stolen = Counter(r.stolen_from for r in records if r.stolen_from)
         legend = [Patch(facecolor=COLOURS["mixed"], label="served where it was placed")]
         if scheduler == "global":
             title += f", {sum(stolen.values())} stolen"
             victims = ", ".join(_short(n) for n in stolen) or "a busy node"
-            legend.append(Patch(facecolor=COLOURS["stolen"], hatch="///", edgecolor="white",
-                                label=f"stolen from {victims}"))
+            legend.append(
+                Patch(
+                    facecolor=COLOURS["stolen"],
+                    hatch="///",
+                    edgecolor="white",
+                    label=f"stolen from {victims}",
+                )
+            )
     ax.set_title(title)
-    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(legend),
-              fontsize=8, frameon=False)
+    ax.legend(
+        handles=legend,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.22),
+        ncol=len(legend),
+        fontsize=8,
+        frameon=False,
+    )
     directory = os.path.dirname(out_path)
     if directory:
         os.makedirs(directory, exist_ok=True)

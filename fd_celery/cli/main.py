@@ -14,17 +14,43 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default="local", show_default=True,
-              help="Which scheduler the demo cluster runs.")
-@click.option("--requests", "num_requests", type=click.IntRange(1, 10_000), default=24, show_default=True,
-              help="Requests in the burst.")
-@click.option("--workers", "num_workers", type=click.IntRange(1, 16), default=None,
-              help="Worker processes (nodes) to start [default: 2 local, 4 global, 3 splitwise "
-                   "(1 prefill + 2 decode)].")
-@click.option("--max-tokens", type=click.IntRange(1, 4096), default=48, show_default=True,
-              help="Most tokens per request (requests vary between a quarter of this and this).")
-@click.option("--out", type=click.Path(dir_okay=False), default="fd-demo-timeline.png", show_default=True,
-              help="Where the timeline PNG goes.")
+@click.option(
+    "--scheduler",
+    type=click.Choice(SCHEDULER_NAMES),
+    default="local",
+    show_default=True,
+    help="Which scheduler the demo cluster runs.",
+)
+@click.option(
+    "--requests",
+    "num_requests",
+    type=click.IntRange(1, 10_000),
+    default=24,
+    show_default=True,
+    help="Requests in the burst.",
+)
+@click.option(
+    "--workers",
+    "num_workers",
+    type=click.IntRange(1, 16),
+    default=None,
+    help="Worker processes (nodes) to start [default: 2 local, 4 global, 3 splitwise "
+    "(1 prefill + 2 decode)].",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(1, 4096),
+    default=48,
+    show_default=True,
+    help="Most tokens per request (requests vary between a quarter of this and this).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default="fd-demo-timeline.png",
+    show_default=True,
+    help="Where the timeline PNG goes.",
+)
 def demo(scheduler: str, num_requests: int, num_workers: int | None, max_tokens: int, out: str) -> None:
     """Start a private Redis and real workers, send a burst of requests, show who served what."""
     from fd_celery.cli.demo import run_demo
@@ -38,16 +64,43 @@ def bench() -> None:
 
 
 @bench.command()
-@click.option("--requests", "num_requests", type=click.IntRange(10, 1_000_000), default=1000,
-              show_default=True, help="Requests per measured round.")
-@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
-              help="Alternating rounds of each system; the best round of each is compared.")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=2, show_default=True,
-              help="Pool processes of the one worker each system gets.")
-@click.option("--scheduler", type=click.Choice(["local", "global"]), default="local", show_default=True,
-              help="The fd_celery scheduler measured.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results",
-              show_default=True, help="Where the JSON and PNG go.")
+@click.option(
+    "--requests",
+    "num_requests",
+    type=click.IntRange(10, 1_000_000),
+    default=1000,
+    show_default=True,
+    help="Requests per measured round.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1, 20),
+    default=3,
+    show_default=True,
+    help="Alternating rounds of each system; the best round of each is compared.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=2,
+    show_default=True,
+    help="Pool processes of the one worker each system gets.",
+)
+@click.option(
+    "--scheduler",
+    type=click.Choice(["local", "global"]),
+    default="local",
+    show_default=True,
+    help="The fd_celery scheduler measured.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="bench-results",
+    show_default=True,
+    help="Where the JSON and PNG go.",
+)
 def dispatch(num_requests: int, rounds: int, concurrency: int, scheduler: str, out_dir: str) -> None:
     """One-token requests through fd_celery against a plain Celery no-op task, same Redis."""
     from fd_celery.bench.dispatch import run_dispatch
@@ -56,14 +109,32 @@ def dispatch(num_requests: int, rounds: int, concurrency: int, scheduler: str, o
 
 
 @bench.command()
-@click.option("--requests", "num_requests", type=click.IntRange(4, 100_000), default=64, show_default=True,
-              help="Requests in the burst, all submitted to one node.")
-@click.option("--tokens", type=click.IntRange(1, 10_000), default=10, show_default=True,
-              help="Tokens per request.")
-@click.option("--ms-per-token", type=click.FloatRange(0, 1000), default=20.0, show_default=True,
-              help="Service time per token of the bench-sleep engine.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results",
-              show_default=True, help="Where the JSON and PNG go.")
+@click.option(
+    "--requests",
+    "num_requests",
+    type=click.IntRange(4, 100_000),
+    default=64,
+    show_default=True,
+    help="Requests in the burst, all submitted to one node.",
+)
+@click.option(
+    "--tokens", type=click.IntRange(1, 10_000), default=10, show_default=True, help="Tokens per request."
+)
+@click.option(
+    "--ms-per-token",
+    type=click.FloatRange(0, 1000),
+    default=20.0,
+    show_default=True,
+    help="Service time per token of the bench-sleep engine.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="bench-results",
+    show_default=True,
+    help="Where the JSON and PNG go.",
+)
 def steal(num_requests: int, tokens: int, ms_per_token: float, out_dir: str) -> None:
     """Global scheduler: makespan with and without stealing against the ideal; steal reaction."""
     from fd_celery.bench.steal import run_steal
@@ -72,15 +143,37 @@ def steal(num_requests: int, tokens: int, ms_per_token: float, out_dir: str) -> 
 
 
 @bench.command()
-@click.option("--repeat", type=click.IntRange(1, 50), default=10, show_default=True,
-              help="Rounds per size (each round runs the baselines and every store once, in turn); "
-                   "the best of each counts.")
-@click.option("--requests", "num_requests", type=click.IntRange(1, 10_000), default=50, show_default=True,
-              help="Split requests whose hand-off latency is measured.")
-@click.option("--stream-tokens", type=click.IntRange(10, 10_000), default=400, show_default=True,
-              help="Tokens of the streaming measurement.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results",
-              show_default=True, help="Where the JSON and PNG go.")
+@click.option(
+    "--repeat",
+    type=click.IntRange(1, 50),
+    default=10,
+    show_default=True,
+    help="Rounds per size (each round runs the baselines and every store once, in turn); "
+    "the best of each counts.",
+)
+@click.option(
+    "--requests",
+    "num_requests",
+    type=click.IntRange(1, 10_000),
+    default=50,
+    show_default=True,
+    help="Split requests whose hand-off latency is measured.",
+)
+@click.option(
+    "--stream-tokens",
+    type=click.IntRange(10, 10_000),
+    default=400,
+    show_default=True,
+    help="Tokens of the streaming measurement.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="bench-results",
+    show_default=True,
+    help="Where the JSON and PNG go.",
+)
 def pd(repeat: int, num_requests: int, stream_tokens: int, out_dir: str) -> None:
     """Splitwise: KV store throughput against memcpy and raw Redis; hand-off latency; streaming."""
     from fd_celery.bench.pd import run_pd

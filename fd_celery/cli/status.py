@@ -74,8 +74,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if waiting:
         click.echo("waiting in topic-wide queues: " + ", ".join(f"{role} {n}" for role, n in waiting.items()))
     if report["dead_letters"]:
-        click.echo(f"refused messages: {report['dead_letters']} in Redis list "
-                   f"{dead_letter_list(config.scheduler_topic)} (newest first; see fd_celery.worker.deadletter)")
+        click.echo(
+            f"refused messages: {report['dead_letters']} in Redis list "
+            f"{dead_letter_list(config.scheduler_topic)} (newest first; see fd_celery.worker.deadletter)"
+        )
 
 
 def collect_status(client: Any, config: Any) -> dict[str, Any]:
@@ -103,8 +105,12 @@ def collect_status(client: Any, config: Any) -> dict[str, Any]:
             kv_bytes=held.get(info.name, 0),
         )
         rows.append(row)
-    return {"topic": topic, "nodes": rows, "shared_queues": shared_queue_depths(client, topic),
-            "dead_letters": int(client.llen(dead_letter_list(topic)))}
+    return {
+        "topic": topic,
+        "nodes": rows,
+        "shared_queues": shared_queue_depths(client, topic),
+        "dead_letters": int(client.llen(dead_letter_list(topic))),
+    }
 
 
 def _int(value: Any) -> int:
@@ -142,17 +148,27 @@ def _table(rows: list[dict[str, Any]]) -> str:
     numeric = {"load", "queue", "slots", "running", "heartbeat", "stole", "stolen from", "KV held"}
 
     def fmt(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if h in numeric else v.ljust(w)
-                         for v, w, h in zip(values, widths, heads)).rstrip()
+        return "  ".join(
+            v.rjust(w) if h in numeric else v.ljust(w) for v, w, h in zip(values, widths, heads)
+        ).rstrip()
 
     return "\n".join([fmt(heads), *(fmt(r) for r in cells)])
 
 
 @fd.command(cls=CeleryCommand)
-@click.option("--port", type=click.IntRange(1, 65535), default=9808, show_default=True,
-              help="Port to serve /metrics on.")
-@click.option("--address", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0 exposes it to the network).")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=9808,
+    show_default=True,
+    help="Port to serve /metrics on.",
+)
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0 exposes it to the network).",
+)
 @click.option("--once", is_flag=True, help="Print the exposition to stdout and exit.")
 @click.pass_context
 def metrics(ctx: click.Context, port: int, address: str, once: bool) -> None:
@@ -180,8 +196,10 @@ def metrics(ctx: click.Context, port: int, address: str, once: bool) -> None:
         server = exporter.serve(client, config, port, address)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {address}:{port}: {exc}") from None
-    click.echo(f"fd_celery metrics of topic {config.scheduler_topic!r} ({config.redacted_url()}) "
-               f"at http://{address}:{port}/metrics; Ctrl-C stops")
+    click.echo(
+        f"fd_celery metrics of topic {config.scheduler_topic!r} ({config.redacted_url()}) "
+        f"at http://{address}:{port}/metrics; Ctrl-C stops"
+    )
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -70,8 +70,9 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     @property
@@ -100,8 +101,11 @@ class Client:
             if self._readers is None:
                 config = self.config
                 self._readers = StreamReaders(
-                    redis_for(config), config.scheduler_reader_parallel, config.scheduler_reader_batch_size,
-                    config.scheduler_topic, BLOCK_MS,
+                    redis_for(config),
+                    config.scheduler_reader_parallel,
+                    config.scheduler_reader_batch_size,
+                    config.scheduler_topic,
+                    BLOCK_MS,
                 )
             return self._readers
 
@@ -147,8 +151,12 @@ class Client:
                 # ignore_result: no subscription to Celery's result channel (this handle reads the
                 # output stream), and the worker stores the SUCCESS record off the request's path.
                 self.app.send_task(
-                    self._task_name, kwargs=kwargs, task_id=request_id, priority=priority,
-                    ignore_result=True, headers={RESULT_HEADER: RESULT_DEFERRED},
+                    self._task_name,
+                    kwargs=kwargs,
+                    task_id=request_id,
+                    priority=priority,
+                    ignore_result=True,
+                    headers={RESULT_HEADER: RESULT_DEFERRED},
                 )
                 async_result = self.app.AsyncResult(request_id)
         except kombu.exceptions.OperationalError as exc:

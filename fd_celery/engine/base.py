@@ -90,9 +90,7 @@ class Engine(abc.ABC):
     def decode_step(self, cache: KVCache, last_token: int, sampling: SamplingParams) -> int:
         """Append ``last_token`` to ``cache`` (in place) and return the next token."""
 
-    def generate(
-        self, token_ids: Sequence[int], sampling: SamplingParams, max_tokens: int
-    ) -> Iterator[int]:
+    def generate(self, token_ids: Sequence[int], sampling: SamplingParams, max_tokens: int) -> Iterator[int]:
         """Prefill then decode: yields up to ``max_tokens`` tokens, stopping after EOS.
 
         The reference path: a split run (prefill here, decode elsewhere from a transferred

@@ -27,9 +27,11 @@ _PRINTABLE = list(range(32, 127))
 class SleepEngine(Engine):
     def __init__(self, model_name: str, device: str = "cpu") -> None:
         try:
-            self.sleep_s = float(model_name[len(PREFIX):]) / 1000.0
+            self.sleep_s = float(model_name[len(PREFIX) :]) / 1000.0
         except ValueError:
-            raise ConfigError(f"model={model_name!r}: give the sleep per token in ms, e.g. bench-sleep:20") from None
+            raise ConfigError(
+                f"model={model_name!r}: give the sleep per token in ms, e.g. bench-sleep:20"
+            ) from None
         if not 0 <= self.sleep_s <= 10:
             raise ConfigError(f"model={model_name!r}: the sleep per token must be 0 to 10000 ms")
         self.model_name = model_name
@@ -54,7 +56,9 @@ class SleepEngine(Engine):
 
     def prefill(self, token_ids: Sequence[int], sampling: SamplingParams) -> tuple[KVCache, int]:
         ids = torch.tensor([list(token_ids)], dtype=torch.float32)
-        cache = KVCache(keys=[ids.clone() for _ in range(_LAYERS)], values=[ids.clone() for _ in range(_LAYERS)])
+        cache = KVCache(
+            keys=[ids.clone() for _ in range(_LAYERS)], values=[ids.clone() for _ in range(_LAYERS)]
+        )
         return cache, self._token(sampling, len(token_ids))
 
     def decode_step(self, cache: KVCache, last_token: int, sampling: SamplingParams) -> int:

@@ -19,13 +19,24 @@ from fd_celery.kv.table import STORES
 
 __all__ = [
     # the reference
-    "KVRef", "STORES", "SHM_DIR", "SHM_PREFIX", "MAX_KV_BYTES",
+    "KVRef",
+    "STORES",
+    "SHM_DIR",
+    "SHM_PREFIX",
+    "MAX_KV_BYTES",
     # the hand-off
-    "put", "take", "discard", "stores_offered", "choose_store",
+    "put",
+    "take",
+    "discard",
+    "stores_offered",
+    "choose_store",
     # the bytes-held index
-    "note_held", "note_taken", "bytes_held",
+    "note_held",
+    "note_taken",
+    "bytes_held",
     # housekeeping
-    "sweep_shm", "close_pool",
+    "sweep_shm",
+    "close_pool",
 ]
 
 #: (read when asked, below: a bad ``FD_MAX_KV_BYTES`` is an error where a reference is checked,

@@ -18,8 +18,19 @@ from fd_celery.kv.ref import ITEMSIZE, REF_FIELDS, KVRef, numel
 if TYPE_CHECKING:
     from fd_celery.engine.base import KVCache
 
-__all__ = ["MAGIC", "ALIGN", "CHECKSUM_PLACEHOLDER", "COPY_WINDOW", "header", "checksum", "copy_summed",
-           "as_bytes_tensor", "raw_bytes", "check_header", "decode"]
+__all__ = [
+    "MAGIC",
+    "ALIGN",
+    "CHECKSUM_PLACEHOLDER",
+    "COPY_WINDOW",
+    "header",
+    "checksum",
+    "copy_summed",
+    "as_bytes_tensor",
+    "raw_bytes",
+    "check_header",
+    "decode",
+]
 
 MAGIC = b"FDKV1\n"
 #: Tensor bytes start at a multiple of this in a blob (the header is padded with spaces).
@@ -35,8 +46,9 @@ _HEADER_FIELDS = tuple(name for name in REF_FIELDS if name != "ipc")
 def header(ref: KVRef) -> bytes:
     """The blob's header is the whole reference but ``ipc`` (any edited field is a mismatch),
     padded with spaces so that the tensor bytes start at a multiple of :data:`ALIGN`."""
-    body = json.dumps({name: value for name, value in ref.to_dict().items() if name in _HEADER_FIELDS},
-                      sort_keys=True).encode()
+    body = json.dumps(
+        {name: value for name, value in ref.to_dict().items() if name in _HEADER_FIELDS}, sort_keys=True
+    ).encode()
     head = len(MAGIC) + 4
     body += b" " * (-(head + len(body)) % ALIGN)
     return MAGIC + struct.pack("<I", len(body)) + body
@@ -135,7 +147,11 @@ def decode(ref: KVRef, buffer: Any, device: str, begin: int) -> KVCache:
     tensors, offset = [], 0
     for shape in ref.shapes:
         n = numel(shape) * ITEMSIZE[ref.dtype]
-        t = torch.frombuffer(data[offset : offset + n], dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+        t = (
+            torch.frombuffer(data[offset : offset + n], dtype=torch.uint8)
+            if n
+            else torch.empty(0, dtype=torch.uint8)
+        )
         tensors.append(t.view(dtype).reshape(shape).to(device))
         offset += n
     return KVCache(keys=tensors[0::2], values=tensors[1::2])

@@ -151,7 +151,9 @@ class _Registry:
 
     def add(self, location: str, sent: _Sent) -> None:
         with self.lock:
-            if self.pid != os.getpid():  # a forked child starts empty (the parent's GPU memory is not its own)
+            if (
+                self.pid != os.getpid()
+            ):  # a forked child starts empty (the parent's GPU memory is not its own)
                 self.sent, self.thread, self.pid, self.collect_until = {}, None, os.getpid(), 0.0
             self.sent[location] = sent
             if self.thread is None:
@@ -233,7 +235,9 @@ def _put(ref: KVRef, tensors: list[Any], client: redis.Redis | None) -> KVRef:
         raise KVRefError("the cuda KV store needs a Redis client (its claims live there)")
     devices = {t.device for t in tensors}
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
-        raise KVRefError(f"the cuda KV store needs a cache on one CUDA device, got {sorted(map(str, devices))}")
+        raise KVRefError(
+            f"the cuda KV store needs a cache on one CUDA device, got {sorted(map(str, devices))}"
+        )
     device = devices.pop()
     start = len(header(ref))  # the checksum is fixed-width: the final header is as long
     buf = torch.empty(start + ref.nbytes, dtype=torch.uint8, device=device)
@@ -247,11 +251,18 @@ def _put(ref: KVRef, tensors: list[Any], client: redis.Redis | None) -> KVRef:
     assert len(head) == start
     buf[:start].copy_(as_bytes_tensor(bytearray(head)))
     # Shared after every write: torch records the IPC event on this stream now.
-    dev, handle, size, offset_bytes, counter, counter_offset, event, sync = buf.untyped_storage()._share_cuda_()
+    dev, handle, size, offset_bytes, counter, counter_offset, event, sync = (
+        buf.untyped_storage()._share_cuda_()
+    )
     ipc = {
-        "pid": os.getpid(), "device": int(dev), "handle": base64.b64encode(handle).decode(),
-        "storage_bytes": int(size), "storage_offset": int(offset_bytes), "counter": counter.decode(),
-        "counter_offset": int(counter_offset), "event": base64.b64encode(event).decode(),
+        "pid": os.getpid(),
+        "device": int(dev),
+        "handle": base64.b64encode(handle).decode(),
+        "storage_bytes": int(size),
+        "storage_offset": int(offset_bytes),
+        "counter": counter.decode(),
+        "counter_offset": int(counter_offset),
+        "event": base64.b64encode(event).decode(),
         "event_sync": bool(sync),
     }
     ref = dataclasses.replace(ref, ipc=ipc)
@@ -259,7 +270,10 @@ def _put(ref: KVRef, tensors: list[Any], client: redis.Redis | None) -> KVRef:
     # The claim exists before the registry knows the buffer: the reaper would take a missing
     # claim for decode's and let go of a buffer nobody opened.
     note_held(client, ref)
-    _SENT.add(ref.location, _Sent(buf, ref.expires_at, counter, int(counter_offset), client, keys.kv_held(ref.topic)))
+    _SENT.add(
+        ref.location,
+        _Sent(buf, ref.expires_at, counter, int(counter_offset), client, keys.kv_held(ref.topic)),
+    )
     return ref
 
 
@@ -279,9 +293,13 @@ def _discard(ref: KVRef, client: redis.Redis | None) -> None:
 def _take(ref: KVRef, device: str, client: redis.Redis | None) -> KVCache:
     """Claim the blob, map it (or take it from this process), check it, copy it to ``device``."""
     if ref.host != socket.gethostname():
-        raise KVRefError(f"KV reference of kind cuda lives on host {ref.host!r}; CUDA IPC works on one host only")
+        raise KVRefError(
+            f"KV reference of kind cuda lives on host {ref.host!r}; CUDA IPC works on one host only"
+        )
     if not str(device).startswith("cuda"):
-        raise KVRefError(f"KV reference of kind cuda needs a CUDA decode node; this node's device is {device!r}")
+        raise KVRefError(
+            f"KV reference of kind cuda needs a CUDA decode node; this node's device is {device!r}"
+        )
     if client is None:
         raise KVRefError("the cuda KV store needs a Redis client (its claims live there)")
     held_key = keys.kv_held(ref.topic)
@@ -296,7 +314,9 @@ def _take(ref: KVRef, device: str, client: redis.Redis | None) -> KVCache:
         try:
             holder = [_open(ref)]
         except KVRefError:
-            client.hset(held_key, ref.location, held_value(ref))  # unopened: the producer reclaims it at expiry
+            client.hset(
+                held_key, ref.location, held_value(ref)
+            )  # unopened: the producer reclaims it at expiry
             raise
     return _load(ref, holder, device)
 
@@ -310,19 +330,38 @@ def _open(ref: KVRef) -> Any:
     assert ipc is not None
     total = len(header(ref)) + ref.nbytes
     if total > ipc["storage_bytes"]:
-        raise KVRefError(f"KV reference of request {ref.request_id}: {total} bytes do not fit its shared buffer")
+        raise KVRefError(
+            f"KV reference of request {ref.request_id}: {total} bytes do not fit its shared buffer"
+        )
     if not torch.cuda.is_available():
-        raise KVRefError(f"KV reference of kind cuda needs CUDA in the decode process (request {ref.request_id})")
+        raise KVRefError(
+            f"KV reference of kind cuda needs CUDA in the decode process (request {ref.request_id})"
+        )
     try:
         return rebuild_cuda_tensor(
-            torch.Tensor, torch.Size([total]), (1,), 0, torch.storage.TypedStorage, torch.uint8,
-            ipc["device"], _b64(ipc, "handle"), ipc["storage_bytes"], ipc["storage_offset"], False,
-            ipc["counter"].encode(), ipc["counter_offset"], _b64(ipc, "event"), ipc["event_sync"],
+            torch.Tensor,
+            torch.Size([total]),
+            (1,),
+            0,
+            torch.storage.TypedStorage,
+            torch.uint8,
+            ipc["device"],
+            _b64(ipc, "handle"),
+            ipc["storage_bytes"],
+            ipc["storage_offset"],
+            False,
+            ipc["counter"].encode(),
+            ipc["counter_offset"],
+            _b64(ipc, "event"),
+            ipc["event_sync"],
         )
     except (RuntimeError, ValueError, TypeError) as exc:
         # "missing": decode computes the prefill again, so the request still completes.
-        why = (f"its prefill process {ipc['pid']} is gone" if not pid_alive(ipc["pid"])
-               else f"its CUDA IPC handle cannot be opened here ({exc})")
+        why = (
+            f"its prefill process {ipc['pid']} is gone"
+            if not pid_alive(ipc["pid"])
+            else f"its CUDA IPC handle cannot be opened here ({exc})"
+        )
         raise KVRefError(f"KV blob of request {ref.request_id} is missing: {why}") from None
 
 

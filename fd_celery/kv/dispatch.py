@@ -33,8 +33,18 @@ def store_for(kind: str) -> KVStore:
 
 
 def put(
-    cache: KVCache, *, kind: str, topic: str, request_id: str, owner: str, host: str, ttl_s: float,
-    first_token: int, prompt_tokens: int, client: redis.Redis | None = None, hold: bool = True,
+    cache: KVCache,
+    *,
+    kind: str,
+    topic: str,
+    request_id: str,
+    owner: str,
+    host: str,
+    ttl_s: float,
+    first_token: int,
+    prompt_tokens: int,
+    client: redis.Redis | None = None,
+    hold: bool = True,
 ) -> KVRef:
     """Write ``cache`` to the store ``kind``; return its reference. With ``client`` the blob is
     also entered in the bytes-held index ``fd:<topic>:kvheld``; ``hold=False`` leaves that to the
@@ -47,11 +57,21 @@ def put(
     store = store_for(kind)
     token = secrets.token_hex(16)
     ref = KVRef(
-        kind=kind, location=store.location(topic, blob_name(topic, request_id, token)), topic=topic,
-        request_id=request_id, token=token, dtype=dtypes.pop(), shapes=tuple(tuple(t.shape) for t in tensors),
-        num_tokens=cache.num_tokens, nbytes=sum(t.numel() * t.element_size() for t in tensors),
-        checksum=CHECKSUM_PLACEHOLDER, owner=owner, host=host, expires_at=time.time() + ttl_s,
-        first_token=first_token, prompt_tokens=prompt_tokens,
+        kind=kind,
+        location=store.location(topic, blob_name(topic, request_id, token)),
+        topic=topic,
+        request_id=request_id,
+        token=token,
+        dtype=dtypes.pop(),
+        shapes=tuple(tuple(t.shape) for t in tensors),
+        num_tokens=cache.num_tokens,
+        nbytes=sum(t.numel() * t.element_size() for t in tensors),
+        checksum=CHECKSUM_PLACEHOLDER,
+        owner=owner,
+        host=host,
+        expires_at=time.time() + ttl_s,
+        first_token=first_token,
+        prompt_tokens=prompt_tokens,
     )
     ref = store.put(ref, tensors, client, ttl_s)
     if client is not None and hold and not store.claims_in_index:
@@ -85,7 +105,9 @@ def discard(ref: KVRef, client: redis.Redis | None = None) -> None:
 def stores_offered(device: str) -> list[str]:
     """The KV stores a node on ``device`` can take blobs from (published with its heartbeat),
     the preferred first."""
-    return [kind for kind in sorted(STORES, key=lambda k: store_for(k).rank) if store_for(kind).offered(device)]
+    return [
+        kind for kind in sorted(STORES, key=lambda k: store_for(k).rank) if store_for(kind).offered(device)
+    ]
 
 
 def choose_store(*, same_host: bool, device: str, peer_stores: list[str] | None, forced: str = "auto") -> str:

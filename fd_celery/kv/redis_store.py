@@ -31,7 +31,9 @@ class RedisStore(KVStore):
         raw = raw_bytes(tensors)
         ref = dataclasses.replace(ref, checksum=checksum(raw))
         assert client is not None
-        client.set(ref.location, b"".join([header(ref), *(p.numpy().tobytes() for p in raw)]), ex=max(1, int(ttl_s)))
+        client.set(
+            ref.location, b"".join([header(ref), *(p.numpy().tobytes() for p in raw)]), ex=max(1, int(ttl_s))
+        )
         return ref
 
     def take(self, ref: KVRef, device: str, client: redis.Redis | None) -> KVCache:

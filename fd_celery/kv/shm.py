@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 __all__ = ["STORE", "ShmStore", "sweep_shm", "close_pool"]
 
 _POOL_RE = re.compile(SHM_PREFIX + r"[A-Za-z0-9_.-]{1,64}-free-[0-9]{1,10}-[0-9a-f]{8}-[0-9]{1,3}")
-_POOL_FILE_RE = re.compile(r"-free-([0-9]{1,10})-[0-9a-f]{8}-[0-9]{1,3}(-held)?$")  # group 1: the writer's pid
+_POOL_FILE_RE = re.compile(
+    r"-free-([0-9]{1,10})-[0-9a-f]{8}-[0-9]{1,3}(-held)?$"
+)  # group 1: the writer's pid
 _GRANULE = 1 << 20  # slot files grow in whole MiB
 _LEASE_GRACE_S = 60.0
 #: (+ this: room in a slot for the pool name the header will carry)
@@ -82,8 +84,11 @@ class ShmStore(KVStore):
             _unlink_path(path)
 
     def check(self, ref: KVRef) -> None:
-        if ref.pool and not (isinstance(ref.pool, str) and _POOL_RE.fullmatch(ref.pool)
-                             and ref.pool.startswith(f"{SHM_PREFIX}{ref.topic}-")):
+        if ref.pool and not (
+            isinstance(ref.pool, str)
+            and _POOL_RE.fullmatch(ref.pool)
+            and ref.pool.startswith(f"{SHM_PREFIX}{ref.topic}-")
+        ):
             raise KVRefError(f"KV reference pool name {ref.pool!r} is outside the shm store")
         refuse_ipc(ref)
 
@@ -149,8 +154,10 @@ class _ShmPool:
                     os.utime(blob_path)  # sweep_shm goes by age
                     slot.lent_at = now
                     return slot
-            while self.slots and (len(self.slots) >= knobs.kv_shm_pool_slots
-                                  or sum(sl.size for sl in self.slots) + size > knobs.kv_shm_pool_bytes):
+            while self.slots and (
+                len(self.slots) >= knobs.kv_shm_pool_slots
+                or sum(sl.size for sl in self.slots) + size > knobs.kv_shm_pool_bytes
+            ):
                 idle = [sl for sl in self.slots if _free_inode(sl) is not None]
                 if not idle:
                     return None  # every slot is lent: this blob gets a file of its own
@@ -163,7 +170,9 @@ class _ShmPool:
         import torch
 
         size = -(-size // _GRANULE) * _GRANULE
-        index = next(i for i in range(node_knobs().kv_shm_pool_slots + 1) if i not in {sl.index for sl in self.slots})
+        index = next(
+            i for i in range(node_knobs().kv_shm_pool_slots + 1) if i not in {sl.index for sl in self.slots}
+        )
         fd = os.open(blob_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.posix_fallocate(fd, 0, size)  # ENOSPC here, not SIGBUS on a write later
@@ -174,8 +183,16 @@ class _ShmPool:
             return None  # no room in /dev/shm for a slot: a file of its own may still fit
         finally:
             os.close(fd)
-        slot = _Slot(index, topic, f"{SHM_PREFIX}{topic}-free-{self.id}-{index}", size, inode, mm,
-                     torch.frombuffer(mm, dtype=torch.uint8), now)
+        slot = _Slot(
+            index,
+            topic,
+            f"{SHM_PREFIX}{topic}-free-{self.id}-{index}",
+            size,
+            inode,
+            mm,
+            torch.frombuffer(mm, dtype=torch.uint8),
+            now,
+        )
         self.slots.append(slot)
         return slot
 
@@ -317,10 +334,15 @@ def _map_slot(ref: KVRef, fd: int, stat: os.stat_result, size: int) -> Any:
         if cached is None or cached[0] != inode or len(cached[1]) < size:
             # Private and writable (copy on write), so tensors built on it are ordinary tensors;
             # not MAP_POPULATE: populating a writable private mapping copies every page.
-            cached = (inode, mmap.mmap(fd, file_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+            cached = (
+                inode,
+                mmap.mmap(fd, file_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE),
+            )
         _READER_MAPS[ref.pool] = cached  # the newest last
-        while len(_READER_MAPS) > 1 and (len(_READER_MAPS) > knobs.kv_shm_pool_slots * 2
-                                         or sum(len(m) for _, m in _READER_MAPS.values()) > knobs.kv_shm_pool_bytes):
+        while len(_READER_MAPS) > 1 and (
+            len(_READER_MAPS) > knobs.kv_shm_pool_slots * 2
+            or sum(len(m) for _, m in _READER_MAPS.values()) > knobs.kv_shm_pool_bytes
+        ):
             _READER_MAPS.pop(next(iter(_READER_MAPS)))  # tensors still on it keep it mapped
     return np.frombuffer(cached[1], dtype=np.uint8, count=size)
 

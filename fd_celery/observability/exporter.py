@@ -23,14 +23,15 @@ __all__ = ["FDCollector", "exposition", "serve", "queue_depths", "shared_queue_d
 logger = logging.getLogger(__name__)
 
 
-
 def _split(field: bytes | str) -> tuple[str, str]:
     text = field.decode() if isinstance(field, bytes) else field
     node, _, suffix = text.rpartition("|")
     return node, suffix
 
 
-def _histograms(raw: dict[bytes, bytes], bounds: Sequence[float]) -> dict[str, tuple[list[tuple[str, float]], float]]:
+def _histograms(
+    raw: dict[bytes, bytes], bounds: Sequence[float]
+) -> dict[str, tuple[list[tuple[str, float]], float]]:
     """``{node: ([(le, cumulative count), ..., ("+Inf", count)], sum)}`` from a histogram hash."""
     per_node: dict[str, dict[str, float]] = defaultdict(dict)
     for field, value in raw.items():
@@ -107,11 +108,16 @@ class FDCollector:
                 family.add_metric([node], buckets, sum_value=total)
             yield family
 
-        done = CounterMetricFamily("fd_requests", "Requests ended, by node and outcome "
-                                   "(ok, or the error class: RequestExpired, WorkerError, ...).",
-                                   labels=["node", "outcome"])
-        expired = CounterMetricFamily("fd_requests_expired", "Requests that ended as RequestExpired "
-                                      "(their TTL ran out before they started).", labels=["node"])
+        done = CounterMetricFamily(
+            "fd_requests",
+            "Requests ended, by node and outcome (ok, or the error class: RequestExpired, WorkerError, ...).",
+            labels=["node", "outcome"],
+        )
+        expired = CounterMetricFamily(
+            "fd_requests_expired",
+            "Requests that ended as RequestExpired (their TTL ran out before they started).",
+            labels=["node"],
+        )
         expired_by_node: dict[str, float] = defaultdict(float)
         for field, value in sorted(requests.items()):
             node, outcome = _split(field)
@@ -123,39 +129,53 @@ class FDCollector:
             expired.add_metric([node], value)
         yield expired
 
-        out_tokens = CounterMetricFamily("fd_output_tokens", "Output tokens of ended requests.", labels=["node"])
+        out_tokens = CounterMetricFamily(
+            "fd_output_tokens", "Output tokens of ended requests.", labels=["node"]
+        )
         for field, value in sorted(tokens.items()):
             out_tokens.add_metric([field.decode()], float(value))
         yield out_tokens
 
-        rejected_f = CounterMetricFamily("fd_requests_rejected", "Requests turned away at submit, by reason.",
-                                         labels=["reason"])
+        rejected_f = CounterMetricFamily(
+            "fd_requests_rejected", "Requests turned away at submit, by reason.", labels=["reason"]
+        )
         for field, value in sorted(rejected.items()):
             rejected_f.add_metric([field.decode()], float(value))
         yield rejected_f
 
-        back = CounterMetricFamily("fd_requests_given_back", "Requests a dead node held that a live node "
-                                   "put back in their queues (after scheduler_expire_period).", labels=["node"])
+        back = CounterMetricFamily(
+            "fd_requests_given_back",
+            "Requests a dead node held that a live node "
+            "put back in their queues (after scheduler_expire_period).",
+            labels=["node"],
+        )
         for field, value in sorted(given_back.items()):
             back.add_metric([field.decode()], float(value))
         yield back
-        dead_f = GaugeMetricFamily("fd_dead_letters", "Messages nodes refused as unreadable, kept in "
-                                   f"{keys.dead_letter_list(topic)} (the newest 1,000).")
+        dead_f = GaugeMetricFamily(
+            "fd_dead_letters",
+            "Messages nodes refused as unreadable, kept in "
+            f"{keys.dead_letter_list(topic)} (the newest 1,000).",
+        )
         dead_f.add_metric([], float(dead))
         yield dead_f
 
         made = CounterMetricFamily("fd_steals_made", "Requests this node stole from others.", labels=["node"])
-        suffered = CounterMetricFamily("fd_steals_suffered", "Requests stolen from this node.", labels=["node"])
+        suffered = CounterMetricFamily(
+            "fd_steals_suffered", "Requests stolen from this node.", labels=["node"]
+        )
         for field, value in sorted(steals.items()):
             node, _, side = field.decode().rpartition(":")
             (made if side == "made" else suffered).add_metric([node], float(value))
         yield made
         yield suffered
 
-        hand_count = CounterMetricFamily("fd_kv_handoffs", "KV caches handed from prefill to decode.",
-                                         labels=["node", "kind"])
-        hand_bytes = CounterMetricFamily("fd_kv_handoff_bytes", "Bytes of KV caches handed to decode.",
-                                         labels=["node", "kind"])
+        hand_count = CounterMetricFamily(
+            "fd_kv_handoffs", "KV caches handed from prefill to decode.", labels=["node", "kind"]
+        )
+        hand_bytes = CounterMetricFamily(
+            "fd_kv_handoff_bytes", "Bytes of KV caches handed to decode.", labels=["node", "kind"]
+        )
         for field, value in sorted(handoffs.items()):
             node, suffix = _split(field)
             kind, _, what = suffix.rpartition(":")
@@ -173,17 +193,24 @@ class FDCollector:
             live.add_metric([role], by_role.get(role, 0))
         yield live
 
-        queue = GaugeMetricFamily("fd_queue_depth", "Requests waiting in a live node's own queue.",
-                                  labels=["node", "role"])
-        load = GaugeMetricFamily("fd_load_score", "A live node's load score ((waiting + running) / slots).",
-                                 labels=["node", "role"])
-        running = GaugeMetricFamily("fd_running_requests", "Requests a live node holds (running or "
-                                    "about to run).", labels=["node"])
+        queue = GaugeMetricFamily(
+            "fd_queue_depth", "Requests waiting in a live node's own queue.", labels=["node", "role"]
+        )
+        load = GaugeMetricFamily(
+            "fd_load_score",
+            "A live node's load score ((waiting + running) / slots).",
+            labels=["node", "role"],
+        )
+        running = GaugeMetricFamily(
+            "fd_running_requests", "Requests a live node holds (running or about to run).", labels=["node"]
+        )
         slots = GaugeMetricFamily("fd_node_slots", "Requests a live node runs at once.", labels=["node"])
-        beat = GaugeMetricFamily("fd_heartbeat_age_seconds", "Seconds since a live node's last heartbeat.",
-                                 labels=["node"])
-        held = GaugeMetricFamily("fd_kv_bytes_held", "KV-cache bytes a node's blobs hold in the stores.",
-                                 labels=["node"])
+        beat = GaugeMetricFamily(
+            "fd_heartbeat_age_seconds", "Seconds since a live node's last heartbeat.", labels=["node"]
+        )
+        held = GaugeMetricFamily(
+            "fd_kv_bytes_held", "KV-cache bytes a node's blobs hold in the stores.", labels=["node"]
+        )
         depths = queue_depths(client, topic, [(info.name, info.role) for info in nodes])
         scores: dict[str, dict[str, float]] = {}
         for info in nodes:
@@ -198,9 +225,12 @@ class FDCollector:
             held.add_metric([node], nbytes)
         yield from (queue, load, running, slots, beat, held)
 
-        shared = GaugeMetricFamily("fd_shared_queue_depth", "Requests waiting in a role's topic-wide "
-                                   "queue (the local scheduler's queue; any node of the role takes them).",
-                                   labels=["role"])
+        shared = GaugeMetricFamily(
+            "fd_shared_queue_depth",
+            "Requests waiting in a role's topic-wide "
+            "queue (the local scheduler's queue; any node of the role takes them).",
+            labels=["role"],
+        )
         for role, depth in shared_queue_depths(client, topic).items():
             shared.add_metric([role], depth)
         yield shared
@@ -223,7 +253,7 @@ def queue_depths(client: redis.Redis, topic: str, nodes: Sequence[tuple[str, str
             pipe.llen(name)
     replies = pipe.execute()
     per = len(queue_lists("x"))
-    return {node: int(sum(replies[i * per:(i + 1) * per])) for i, (node, _) in enumerate(nodes)}
+    return {node: int(sum(replies[i * per : (i + 1) * per])) for i, (node, _) in enumerate(nodes)}
 
 
 def shared_queue_depths(client: redis.Redis, topic: str) -> dict[str, int]:
@@ -236,7 +266,7 @@ def shared_queue_depths(client: redis.Redis, topic: str) -> dict[str, int]:
             pipe.llen(name)
     replies = pipe.execute()
     per = len(queue_lists("x"))
-    return {role: int(sum(replies[i * per:(i + 1) * per])) for i, role in enumerate(keys.ROLES)}
+    return {role: int(sum(replies[i * per : (i + 1) * per])) for i, role in enumerate(keys.ROLES)}
 
 
 def exposition(client: redis.Redis, config: Any) -> bytes:

@@ -50,10 +50,35 @@ logger = logging.getLogger(__name__)
 # Upper bounds (seconds) of the histogram buckets; +Inf is implied. Fixed, so that every worker
 # and the exporter agree without talking to each other.
 TTFT_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
 )
 TPOT_BUCKETS: tuple[float, ...] = (
-    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
 )
 _INF = "+Inf"
 _LABEL_RE = re.compile(r"[^A-Za-z0-9_.:@\-]")
@@ -84,7 +109,12 @@ def _format_bound(bound: float) -> str:
 
 
 def _observe(pipe: Any, key: str, node: str, value: float | None, bounds: Sequence[float]) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         return
     pipe.hincrby(key, f"{node}|le={_bucket(float(value), bounds)}", 1)
     pipe.hincrbyfloat(key, f"{node}|sum", float(value))
@@ -117,8 +147,13 @@ def record_end(
         pipe.hincrby(metrics_key(topic, "requests"), f"{node_l}|{_label(outcome)}", 1)
         if count:
             pipe.hincrby(metrics_key(topic, "tokens"), node_l, count)
-        _observe(pipe, metrics_key(topic, "ttft"), _label(first_node) if first_node else node_l, ttft_s,
-                 TTFT_BUCKETS)
+        _observe(
+            pipe,
+            metrics_key(topic, "ttft"),
+            _label(first_node) if first_node else node_l,
+            ttft_s,
+            TTFT_BUCKETS,
+        )
         if count > 1:
             _observe(pipe, metrics_key(topic, "tpot"), node_l, tpot_s, TPOT_BUCKETS)
         if own:

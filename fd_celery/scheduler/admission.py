@@ -22,6 +22,7 @@ from fd_celery.scripts import ADMIT
 
 __all__ = ["admit", "release"]
 
+
 def admit(config: SchedulerConfig, deadline_s: float) -> str:
     """Take a place in the local queue; returns the ticket. Raises ``QueueFull`` when full."""
     client = redis_for(config)

@@ -30,7 +30,15 @@ from fd_celery import keys
 from fd_celery.config import SchedulerConfig
 from fd_celery.scripts import PLACE, PUBLISH
 
-__all__ = ["queue_lists", "shard_keys", "publish", "place", "release", "PRIORITY_SUFFIXES", "PREFILL_TOKEN_UNIT"]
+__all__ = [
+    "queue_lists",
+    "shard_keys",
+    "publish",
+    "place",
+    "release",
+    "PRIORITY_SUFFIXES",
+    "PREFILL_TOKEN_UNIT",
+]
 
 #: Prompt tokens a prefill must process that weigh as much as one request in a queue.
 PREFILL_TOKEN_UNIT = 256
@@ -46,13 +54,16 @@ def queue_lists(queue: str) -> list[str]:
 
 
 def shard_keys(config: SchedulerConfig, role: str) -> list[str]:
-    return [
-        keys.load_shard(config.scheduler_topic, role, i) for i in range(config.scheduler_load_shards_num)
-    ]
+    return [keys.load_shard(config.scheduler_topic, role, i) for i in range(config.scheduler_load_shards_num)]
 
 
 def publish(
-    client: redis.Redis, config: SchedulerConfig, role: str, node: str, running: int, slots: int,
+    client: redis.Redis,
+    config: SchedulerConfig,
+    role: str,
+    node: str,
+    running: int,
+    slots: int,
     own_queue: str,
 ) -> tuple[float, int, bool]:
     """Publish the node's heartbeat and its load score from the truth; returns (score, waiting,
@@ -61,8 +72,13 @@ def publish(
     shard = keys.load_shard(topic, role, keys.shard_of(node, config.scheduler_load_shards_num))
     reply = PUBLISH(
         client,
-        keys=[shard, keys.nodes_zset(topic), keys.node_hash(topic, node), keys.prefill_ledger(topic, node),
-              *queue_lists(own_queue)],
+        keys=[
+            shard,
+            keys.nodes_zset(topic),
+            keys.node_hash(topic, node),
+            keys.prefill_ledger(topic, node),
+            *queue_lists(own_queue),
+        ],
         args=[node, running, max(1, slots), int(time.time() * 1000), PREFILL_TOKEN_UNIT],
     )
     return float(reply[0]), int(reply[1]), bool(reply[2])
@@ -73,7 +89,10 @@ def ledger_entry(request_id: str, tokens: int) -> str:
 
 
 def place(
-    client: redis.Redis, config: SchedulerConfig, roles: Sequence[str], blur: float = 0.0,
+    client: redis.Redis,
+    config: SchedulerConfig,
+    roles: Sequence[str],
+    blur: float = 0.0,
     prefill: tuple[str, int] | None = None,
 ) -> tuple[str, str] | None:
     """A live node of one of ``roles`` with the lowest load (at random among those within
@@ -129,5 +148,10 @@ def scores(client: redis.Redis, config: SchedulerConfig, role: str) -> dict[str,
 def remove(client: redis.Redis, config: SchedulerConfig, role: str, nodes: Sequence[str]) -> None:
     pipe = client.pipeline(transaction=False)
     for node in nodes:
-        pipe.zrem(keys.load_shard(config.scheduler_topic, role, keys.shard_of(node, config.scheduler_load_shards_num)), node)
+        pipe.zrem(
+            keys.load_shard(
+                config.scheduler_topic, role, keys.shard_of(node, config.scheduler_load_shards_num)
+            ),
+            node,
+        )
     pipe.execute()

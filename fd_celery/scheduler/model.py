@@ -29,8 +29,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-__all__ = ["NodeState", "Nodes", "StealOutcome", "StealDecision", "place", "steal", "PRIORITY_LISTS",
-           "BAND_EPSILON"]
+__all__ = [
+    "NodeState",
+    "Nodes",
+    "StealOutcome",
+    "StealDecision",
+    "place",
+    "steal",
+    "PRIORITY_LISTS",
+    "BAND_EPSILON",
+]
 
 #: Lists per queue, one per kombu priority step, in consume order.
 PRIORITY_LISTS = 4
@@ -74,7 +82,11 @@ Nodes = Mapping[str, NodeState]
 
 
 def place(
-    nodes: Nodes, roles: Sequence[str], expire_ms: float, blur: float = 0.0, charge: float = 1.0,
+    nodes: Nodes,
+    roles: Sequence[str],
+    expire_ms: float,
+    blur: float = 0.0,
+    charge: float = 1.0,
     ledger_entry: str | None = None,
 ) -> dict[str, dict[str, NodeState]]:
     """Every node a placement may pick, each with the states it leaves; empty when no node of
@@ -115,8 +127,15 @@ class StealDecision:
 
 
 def steal(
-    nodes: Nodes, role: str, thief: str, *, expire_ms: float, forget_after_ms: float, min_score: float,
-    top_candidates: int, thief_running: int,
+    nodes: Nodes,
+    role: str,
+    thief: str,
+    *,
+    expire_ms: float,
+    forget_after_ms: float,
+    min_score: float,
+    top_candidates: int,
+    thief_running: int,
 ) -> StealDecision:
     """What one steal attempt of ``thief`` (a node of ``role``, listed in ``nodes``) may do."""
     if nodes[thief].waiting:
@@ -131,15 +150,20 @@ def steal(
     if not victims:
         return StealDecision({}, after)
     return StealDecision(
-        {v.name: _steal_from(after, v, thief, thief_running, expire_ms)
-         for v in _top(victims, top_candidates, expire_ms)},
+        {
+            v.name: _steal_from(after, v, thief, thief_running, expire_ms)
+            for v in _top(victims, top_candidates, expire_ms)
+        },
         after,
     )
 
 
 def _forgotten(node: NodeState, expire_ms: float, forget_after_ms: float) -> bool:
-    return not node.live(expire_ms) and not node.waiting and (
-        node.beat_age_ms is None or node.beat_age_ms > forget_after_ms)
+    return (
+        not node.live(expire_ms)
+        and not node.waiting
+        and (node.beat_age_ms is None or node.beat_age_ms > forget_after_ms)
+    )
 
 
 def _top(victims: list[NodeState], top_candidates: int, expire_ms: float) -> list[NodeState]:
@@ -155,8 +179,9 @@ def _top(victims: list[NodeState], top_candidates: int, expire_ms: float) -> lis
     return [v for v in victims if rank(v) <= last]
 
 
-def _steal_from(nodes: Nodes, victim: NodeState, thief: str, thief_running: int,
-                expire_ms: float) -> StealOutcome:
+def _steal_from(
+    nodes: Nodes, victim: NodeState, thief: str, thief_running: int, expire_ms: float
+) -> StealOutcome:
     priority = next(i for i, messages in enumerate(victim.queue) if messages)
     message = victim.queue[priority][-1]
     victim_queue = list(victim.queue)
@@ -168,11 +193,16 @@ def _steal_from(nodes: Nodes, victim: NodeState, thief: str, thief_running: int,
     after = {
         **nodes,
         victim.name: replace(victim, queue=tuple(victim_queue), score=victim.score - 1 / victim.charge_slots),
-        thief: replace(robbed, queue=tuple(thief_queue), running=thief_running,
-                       score=(robbed.score or 0.0) + 1 / robbed.charge_slots),
+        thief: replace(
+            robbed,
+            queue=tuple(thief_queue),
+            running=thief_running,
+            score=(robbed.score or 0.0) + 1 / robbed.charge_slots,
+        ),
     }
-    return StealOutcome(victim.name, message, priority, _request_id(message), not victim.live(expire_ms),
-                        victim.score, after)
+    return StealOutcome(
+        victim.name, message, priority, _request_id(message), not victim.live(expire_ms), victim.score, after
+    )
 
 
 def _request_id(message: str) -> str:

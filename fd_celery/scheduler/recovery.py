@@ -53,6 +53,7 @@ INTERVAL_S = 1.0
 UNLISTED_AGE_S = 1.0
 _PRIORITY_STEPS = (0, 3, 6, 9)  # kombu's Redis priority steps, one list each (loadtable.PRIORITY_SUFFIXES)
 
+
 def publish_held(client: redis.Redis, config: SchedulerConfig, node: str, tags: Sequence[str]) -> None:
     pipe = client.pipeline(transaction=False)
     pipe.hset(keys.node_hash(config.scheduler_topic, node), HELD_FIELD, json.dumps(sorted(tags)))
@@ -60,7 +61,9 @@ def publish_held(client: redis.Redis, config: SchedulerConfig, node: str, tags: 
     pipe.execute()
 
 
-def restore_dead_nodes(client: redis.Redis, config: SchedulerConfig, transport_options: Mapping[str, Any]) -> int:
+def restore_dead_nodes(
+    client: redis.Redis, config: SchedulerConfig, transport_options: Mapping[str, Any]
+) -> int:
     """Requeue what dead nodes of the topic held; returns how many messages went back."""
     if transport_options.get("global_keyprefix"):
         return 0  # kombu's keys are prefixed: leave its messages to the visibility timeout
@@ -91,8 +94,12 @@ def restore_dead_nodes(client: redis.Redis, config: SchedulerConfig, transport_o
             age_s = min(UNLISTED_AGE_S, config.expire_period_s / 2)
             count += _restore_unlisted(client, topic, node, unacked, index, live_held, age_s)
         if count:
-            logger.warning("node %s is dead (no heartbeat for %gms): %d request(s) it held are back "
-                           "in their queues", node, config.scheduler_expire_period, count)
+            logger.warning(
+                "node %s is dead (no heartbeat for %gms): %d request(s) it held are back in their queues",
+                node,
+                config.scheduler_expire_period,
+                count,
+            )
             metrics.record_given_back(client, topic, node, count)
         restored += count
     return restored
@@ -110,8 +117,9 @@ def _live_held(client: redis.Redis, config: SchedulerConfig) -> set[str]:
     return held
 
 
-def _restore_unlisted(client: redis.Redis, topic: str, node: str, unacked: str, index: str, live_held: set[str],
-                      age_s: float) -> int:
+def _restore_unlisted(
+    client: redis.Redis, topic: str, node: str, unacked: str, index: str, live_held: set[str], age_s: float
+) -> int:
     """Messages of ``node``'s own queues still unacked, listed by no live node and delivered more
     than ``age_s`` ago: received by ``node`` after it last published its list."""
     queues = {keys.node_queue(topic, role, node) for role in keys.ROLES}

@@ -63,7 +63,8 @@ def live_nodes(client: redis.Redis, config: SchedulerConfig) -> list[NodeInfo]:
     now = _now_ms()
     oldest = now - int(config.scheduler_expire_period)
     rows: list[tuple[bytes, float]] = client.zrangebyscore(  # type: ignore[assignment]
-        nodes_zset(topic), oldest, "+inf", withscores=True)
+        nodes_zset(topic), oldest, "+inf", withscores=True
+    )
     names = sorted(name.decode() for name, _ in rows)
     beats = {name.decode(): score for name, score in rows}
     pipe = client.pipeline(transaction=False)

@@ -97,8 +97,12 @@ def _queue_for(config: SchedulerConfig, name: str, request: GenerateRequest, hea
         roles, blur = keys.PREFILL_ROLES, PREFILL_BLUR
         _require_live(config, keys.DECODE_ROLES, "decode")
         # Weigh the prefill by its prompt (token ids, or UTF-8 bytes as the estimate for text).
-        prefill = (uuid.uuid4().hex, len(request.token_ids) if request.token_ids is not None
-                   else len((request.prompt or "").encode("utf-8", "replace")))
+        prefill = (
+            uuid.uuid4().hex,
+            len(request.token_ids)
+            if request.token_ids is not None
+            else len((request.prompt or "").encode("utf-8", "replace")),
+        )
     with redis_errors(config):
         placed = loadtable.place(redis_for(config), config, roles, blur, prefill=prefill)
     if placed is None:

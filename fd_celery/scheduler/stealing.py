@@ -165,8 +165,15 @@ class Thief:
                 continue
             started_before = self.worker.started_count()
             try:
-                steal = steal_one(self.client, self.config, self.role, self.node,
-                                  int(idle_since * 1000), self.forget_dead_after_s, busy)
+                steal = steal_one(
+                    self.client,
+                    self.config,
+                    self.role,
+                    self.node,
+                    int(idle_since * 1000),
+                    self.forget_dead_after_s,
+                    busy,
+                )
             except redis.RedisError as exc:
                 logger.warning("steal attempt failed: %s", exc)
                 next_try = now + MAX_BACKOFF_S
@@ -178,7 +185,12 @@ class Thief:
                 backoff_s = min(MAX_BACKOFF_S, backoff_s * 2)
                 continue
             self.steals_made += 1
-            logger.info("stole request %s from %s%s (load %.2f)", steal.request_id, steal.victim,
-                        " (dead)" if steal.orphan else "", steal.victim_score)
+            logger.info(
+                "stole request %s from %s%s (load %.2f)",
+                steal.request_id,
+                steal.victim,
+                " (dead)" if steal.orphan else "",
+                steal.victim_score,
+            )
             in_transit = (steal.request_id, started_before, now + IN_TRANSIT_TIMEOUT_S)
             idle_since, backoff_s, next_try = None, MIN_BACKOFF_S, now

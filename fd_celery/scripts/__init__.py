@@ -100,7 +100,9 @@ class Script:
         sha = client.script_load(self.source)
         sha = sha.decode() if isinstance(sha, bytes) else sha
         if sha != self.sha:  # the server hashes something else than we sent: no EVALSHA can work
-            raise redis.exceptions.ResponseError(f"script {self.name}: the server loaded it as {sha}, not {self.sha}")
+            raise redis.exceptions.ResponseError(
+                f"script {self.name}: the server loaded it as {sha}, not {self.sha}"
+            )
 
     def _check(self, keys: Sequence[Any], args: Sequence[Any]) -> None:
         for table, given in (("KEYS", len(keys)), ("ARGV", len(args))):

@@ -13,5 +13,13 @@ from fd_celery.streams.entries import (
 from fd_celery.streams.reader import StreamReaders
 from fd_celery.streams.writer import OutputWriter, writer_for
 
-__all__ = ["OutputWriter", "StreamReaders", "StreamEntry", "Record", "last_entry", "writer_for",
-           "END_RETENTION_S", "EXPIRED_RETENTION_S"]
+__all__ = [
+    "OutputWriter",
+    "StreamReaders",
+    "StreamEntry",
+    "Record",
+    "last_entry",
+    "writer_for",
+    "END_RETENTION_S",
+    "EXPIRED_RETENTION_S",
+]

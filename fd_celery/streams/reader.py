@@ -53,8 +53,8 @@ class _ReaderSlot:
                     continue
             streams[self.wake_key] = self.wake_id
             try:
-                reply: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None = client.xread(
-                    streams, count=count, block=self.readers.block_ms)  # type: ignore[arg-type, assignment]
+                reply: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None
+                reply = client.xread(streams, count=count, block=self.readers.block_ms)  # type: ignore[arg-type, assignment]
             except redis.RedisError as exc:
                 self._fail(exc)
                 time.sleep(0.2)
@@ -80,7 +80,9 @@ class _ReaderSlot:
 class StreamReaders:
     """``scheduler_reader_parallel`` threads that follow output streams for one client."""
 
-    def __init__(self, client: redis.Redis, parallel: int, batch_size: int, topic: str, block_ms: int) -> None:
+    def __init__(
+        self, client: redis.Redis, parallel: int, batch_size: int, topic: str, block_ms: int
+    ) -> None:
         self.client, self.batch_size, self.block_ms = client, batch_size, block_ms
         self.wake_prefix = keys.wake_prefix(topic, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
         self.stopped = threading.Event()

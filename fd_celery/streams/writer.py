@@ -33,15 +33,15 @@ logger = logging.getLogger(__name__)
 WRITE_RETRY_PAUSES_S = (0.1, 0.3, 1.0, 2.0)  # a Redis blip or restart is ridden out, not lost
 
 
-def _append_call(key: str, ttl_ms: int, items: list[tuple[int, str]], final: bool,
-                 record: Record | None) -> tuple[list[str], list[Any]]:
+def _append_call(
+    key: str, ttl_ms: int, items: list[tuple[int, str]], final: bool, record: Record | None
+) -> tuple[list[str], list[Any]]:
     """The KEYS and ARGV of one append.lua call."""
     keys_ = [key, record[0]] if record is not None else [key]
     args: list[Any] = [ttl_ms, "1" if final else "0", record[2] if record else 0, record[1] if record else ""]
     for seq, payload in items:
         args.extend((seq, payload))
     return keys_, args
-
 
 
 @dataclass
@@ -75,15 +75,15 @@ class OutputWriter:
     def __init__(self, client: redis.Redis, parallel: int, batch_size: int) -> None:
         self.client = client
         self._batch_size = batch_size
-        self._queues: list[queue.SimpleQueue[_Pending | _Deferred]] = [queue.SimpleQueue() for _ in range(parallel)]
+        self._queues: list[queue.SimpleQueue[_Pending | _Deferred]] = [
+            queue.SimpleQueue() for _ in range(parallel)
+        ]
         self._pid = os.getpid()
         self._failed: dict[str, BaseException] = {}  # stream key -> error of a lost chunk write
         self._outstanding: dict[str, int] = {}  # stream key -> writes queued, not yet stored
         self._lock = threading.Lock()
         for index, q in enumerate(self._queues):
-            thread = threading.Thread(
-                target=self._run, args=(q,), name=f"fd-writer-{index}", daemon=True
-            )
+            thread = threading.Thread(target=self._run, args=(q,), name=f"fd-writer-{index}", daemon=True)
             thread.start()
 
     def _queue_for(self, key: str) -> queue.SimpleQueue[_Pending | _Deferred]:
@@ -97,7 +97,11 @@ class OutputWriter:
         self._queue_for(key).put(pending)
 
     def finish(
-        self, key: str, items: list[tuple[int, dict[str, Any]]], ttl_s: float, timeout_s: float = 30.0,
+        self,
+        key: str,
+        items: list[tuple[int, dict[str, Any]]],
+        ttl_s: float,
+        timeout_s: float = 30.0,
         record: Record | None = None,
     ) -> dict[str, Any]:
         """Write ``items`` (the last one is the end entry) after everything queued before them;
@@ -159,8 +163,13 @@ class OutputWriter:
         for call in calls:
             start = len(pipe.command_stack)
             if isinstance(call, list):
-                keys_, args = _append_call(call[0].key, call[-1].ttl_ms, [i for m in call for i in m.items],
-                                           call[-1].final, call[-1].record)
+                keys_, args = _append_call(
+                    call[0].key,
+                    call[-1].ttl_ms,
+                    [i for m in call for i in m.items],
+                    call[-1].final,
+                    call[-1].record,
+                )
                 APPEND.queue(pipe, keys_, args)
             else:
                 try:
@@ -183,7 +192,12 @@ class OutputWriter:
         calls: list[list[_Pending] | _Deferred] = []
         for item in batch:
             last = calls[-1] if calls else None
-            if isinstance(item, _Pending) and isinstance(last, list) and last[0].key == item.key and not last[-1].final:
+            if (
+                isinstance(item, _Pending)
+                and isinstance(last, list)
+                and last[0].key == item.key
+                and not last[-1].final
+            ):
                 last.append(item)
             else:
                 calls.append([item] if isinstance(item, _Pending) else item)

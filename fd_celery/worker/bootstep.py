@@ -86,9 +86,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
         registry.register(client, config, self.node, self.facts)
         self._publish(client, config)
         self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._heartbeat, args=(app,), name="fd-heartbeat", daemon=True
-        )
+        self._thread = threading.Thread(target=self._heartbeat, args=(app,), name="fd-heartbeat", daemon=True)
         self._thread.start()
         if config.scheduler_name in ("global", "splitwise"):
             if config.scheduler_name == "splitwise":  # no stealing between live nodes; orphans only
@@ -100,8 +98,13 @@ class FDWorkerStep(bootsteps.StartStopStep):
             self.thief.start()
         logger.info(
             "fd_celery node %s: role %s, model %s on %s, scheduler %s, topic %s, queues %s",
-            self.node, settings.role, settings.model, settings.device,
-            config.scheduler_name, config.scheduler_topic, ", ".join(self.queues),
+            self.node,
+            settings.role,
+            settings.model,
+            settings.device,
+            config.scheduler_name,
+            config.scheduler_topic,
+            ", ".join(self.queues),
         )
 
     def stop(self, worker: Any) -> None:
@@ -252,6 +255,7 @@ _worker_app: Any = None
 ORPHANS_ONLY_SCORE = 1e9  # splitwise thieves take only the queues of dead nodes
 SWEEP_INTERVAL_S = 10.0
 SWEEP_GRACE_S = 60.0
+
 
 @signals.worker_process_shutdown.connect
 def _close_kv_pool(**_: Any) -> None:

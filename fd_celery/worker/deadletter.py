@@ -63,8 +63,9 @@ def dead_letter(client: Any, key: str, queue: str, reason: str, item: bytes | st
         where = f"kept in Redis list {key}"
     except Exception as exc:  # noqa: BLE001 - refusing the item matters more than keeping it
         where = f"not kept ({type(exc).__name__}: {exc})"
-    logger.error("fd_celery: refused a message of %d bytes from queue %s: %s; %s",
-                 len(raw), queue, reason, where)
+    logger.error(
+        "fd_celery: refused a message of %d bytes from queue %s: %s; %s", len(raw), queue, reason, where
+    )
 
 
 def dead_letters(client: Any, key: str, count: int = 20) -> list[dict[str, Any]]:
@@ -79,7 +80,8 @@ def dead_letters(client: Any, key: str, count: int = 20) -> list[dict[str, Any]]
 
 def _kind(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", type(None): "null", bool: "boolean"}.get(
-        type(value), "number")
+        type(value), "number"
+    )
 
 
 class Channel(kombu_redis.Channel):

@@ -52,15 +52,29 @@ def run_decode(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dic
         run.out.chunk(TextStreamer(engine).push(ref.first_token), (ref.first_token,), write=False)
         streamer = TextStreamer(engine, emitted_ids=[ref.first_token])
         done = stream_tokens(
-            engine, run.out, runner.decode(cache, ref.first_token, sampling, request.max_tokens),
-            streamer, skip, more_after_first=False,
+            engine,
+            run.out,
+            runner.decode(cache, ref.first_token, sampling, request.max_tokens),
+            streamer,
+            skip,
+            more_after_first=False,
         )
         if done.produced == 0:
             done.last_at = decode.first_token_at
-        result = build_result(run, request, engine, prompt_ids, (ref.owner, run.node), decode.submitted,
-                              decode.first_token_at, done, started=decode.started)
-        result.extra.update(kv_store=ref.kind, kv_bytes=ref.nbytes,
-                            handoff_s=max(0.0, run.started - decode.first_token_at))
+        result = build_result(
+            run,
+            request,
+            engine,
+            prompt_ids,
+            (ref.owner, run.node),
+            decode.submitted,
+            decode.first_token_at,
+            done,
+            started=decode.started,
+        )
+        result.extra.update(
+            kv_store=ref.kind, kv_bytes=ref.nbytes, handoff_s=max(0.0, run.started - decode.first_token_at)
+        )
         return outcome(run.out.end({"result": result.to_dict()}, END_RETENTION_S))
 
     return guarded(run, work)
@@ -86,7 +100,9 @@ def _resolve(run: Run, decode: DecodeRequest) -> kv.KVRef:
         raise KVRefError(f"no KV reference for request {decode.request_id} in the result backend")
     ref = kv.KVRef.from_dict(meta.get("result"))
     if ref.topic != run.config.scheduler_topic:  # topics share nothing, KV blobs included
-        raise KVRefError(f"KV reference of topic {ref.topic!r} refused by a node of {run.config.scheduler_topic!r}")
+        raise KVRefError(
+            f"KV reference of topic {ref.topic!r} refused by a node of {run.config.scheduler_topic!r}"
+        )
     if ref.request_id != decode.request_id:
         raise KVRefError(f"KV reference belongs to request {ref.request_id}, not {decode.request_id}")
     return ref
@@ -106,6 +122,7 @@ def _load_cache(run: Run, ref: kv.KVRef, runner: EngineRunner, prompt_ids: list[
         logger.warning("request %s: %s; computing the prefill again here", run.request_id, exc)
         cache, _ = runner.prefill(prompt_ids, sampling)
     if cache.num_tokens != len(prompt_ids):
-        raise KVRefError(f"KV cache of {cache.num_tokens} tokens does not match the prompt of {len(prompt_ids)}")
+        raise KVRefError(
+            f"KV cache of {cache.num_tokens} tokens does not match the prompt of {len(prompt_ids)}"
+        )
     return cache
-

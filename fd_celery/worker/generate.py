@@ -33,18 +33,37 @@ def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> d
     def work() -> dict[str, Any]:
         request = admitted(run, args, kwargs)
         with redis_errors(run.config):
-            stolen = stolen_from(run.client, run.config, run.request_id) if run.config.scheduler_name == "global" else None
+            stolen = (
+                stolen_from(run.client, run.config, run.request_id)
+                if run.config.scheduler_name == "global"
+                else None
+            )
         from fd_celery.engine import SamplingParams, TextStreamer
 
         runner = runner_for(task.app)
         engine = runner.engine
         prompt_ids = prompt_ids_of(engine, request)
         sampling = SamplingParams(request.temperature, seed_for(request, run.request_id))
-        done = stream_tokens(engine, run.out, runner.generate(prompt_ids, sampling, request.max_tokens),
-                             TextStreamer(engine), 0, request.max_tokens > 1)
+        done = stream_tokens(
+            engine,
+            run.out,
+            runner.generate(prompt_ids, sampling, request.max_tokens),
+            TextStreamer(engine),
+            0,
+            request.max_tokens > 1,
+        )
         submitted = header_float(task, "fd_submitted") or run.started
-        result = build_result(run, request, engine, prompt_ids, (run.node,), submitted, done.first_at, done,
-                              stolen=stolen is not None)
+        result = build_result(
+            run,
+            request,
+            engine,
+            prompt_ids,
+            (run.node,),
+            submitted,
+            done.first_at,
+            done,
+            stolen=stolen is not None,
+        )
         if stolen is not None:
             result.extra.update(stolen_from=stolen[0], steal_reaction_s=max(0.0, run.started - stolen[1]))
         return outcome(run.out.end({"result": result.to_dict()}, END_RETENTION_S))

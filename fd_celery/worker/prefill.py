@@ -84,7 +84,12 @@ def _release_prefill_charge(run: Run) -> None:
 
 
 def _hand_off(
-    run: Run, request: GenerateRequest, engine: Any, prompt_ids: list[int], cache: Any, first: int,
+    run: Run,
+    request: GenerateRequest,
+    engine: Any,
+    prompt_ids: list[int],
+    cache: Any,
+    first: int,
     first_at: float,
 ) -> dict[str, Any]:
     submitted = header_float(run.task, "fd_submitted") or run.started
@@ -103,26 +108,47 @@ def _hand_off(
     kind = _store_for(run, decode_node)
     with redis_errors(run.config):
         ref = kv.put(
-            cache, kind=kind, topic=run.config.scheduler_topic, request_id=run.request_id, owner=run.node,
-            host=socket.gethostname(), ttl_s=run.config.ttl_s, first_token=first,
-            prompt_tokens=len(prompt_ids), client=run.client, hold=False,
+            cache,
+            kind=kind,
+            topic=run.config.scheduler_topic,
+            request_id=run.request_id,
+            owner=run.node,
+            host=socket.gethostname(),
+            ttl_s=run.config.ttl_s,
+            first_token=first,
+            prompt_tokens=len(prompt_ids),
+            client=run.client,
+            hold=False,
         )
     try:
         _publish_reference(run, ref)
-        decode = DecodeRequest(run.request_id, str(run.task.request.id), decode_node, request, submitted,
-                               run.started, first_at)
+        decode = DecodeRequest(
+            run.request_id, str(run.task.request.id), decode_node, request, submitted, run.started, first_at
+        )
         run.result_stored = True
         # The queue is named here: placement just found the node live (the router need not ask again).
-        run.task.app.send_task("fd.decode", kwargs=decode.to_kwargs(), task_id=str(uuid.uuid4()),
-                               queue=keys.node_queue(run.config.scheduler_topic, decode_role, decode_node),
-                               ignore_result=True, headers={RESULT_HEADER: RESULT_DEFERRED})
+        run.task.app.send_task(
+            "fd.decode",
+            kwargs=decode.to_kwargs(),
+            task_id=str(uuid.uuid4()),
+            queue=keys.node_queue(run.config.scheduler_topic, decode_role, decode_node),
+            ignore_result=True,
+            headers={RESULT_HEADER: RESULT_DEFERRED},
+        )
     except Exception:
         kv.discard(ref, run.client)
         raise
-    logger.info("request %s: prefill done, KV (%d bytes, %s) handed to %s",
-                run.request_id, ref.nbytes, ref.kind, decode_node)
-    run.out.writer.defer(lambda pipe: metrics.record_handoff(pipe, run.config.scheduler_topic, run.node,
-                                                             ref.nbytes, ref.kind), retry=False)
+    logger.info(
+        "request %s: prefill done, KV (%d bytes, %s) handed to %s",
+        run.request_id,
+        ref.nbytes,
+        ref.kind,
+        decode_node,
+    )
+    run.out.writer.defer(
+        lambda pipe: metrics.record_handoff(pipe, run.config.scheduler_topic, run.node, ref.nbytes, ref.kind),
+        retry=False,
+    )
     return ref.to_dict()
 
 
@@ -141,8 +167,10 @@ def _store_for(run: Run, decode_node: str) -> str:
     allow), Redis otherwise; ``FD_KV_STORE`` forces one."""
     host, stores = _node_kv_facts(run, decode_node)
     return kv.choose_store(
-        same_host=host == socket.gethostname(), device=get_node_settings(run.task.app).device,
-        peer_stores=stores, forced=node_knobs().kv_store,
+        same_host=host == socket.gethostname(),
+        device=get_node_settings(run.task.app).device,
+        peer_stores=stores,
+        forced=node_knobs().kv_store,
     )
 
 
@@ -155,7 +183,10 @@ def _node_kv_facts(run: Run, node: str) -> tuple[str | None, list[str] | None]:
         return cached[1], cached[2]
     with redis_errors(run.config):
         host, stores = run.client.hmget(keys.node_hash(run.config.scheduler_topic, node), "host", "kv_stores")
-    facts = (json.loads(host) if host is not None else None, json.loads(stores) if stores is not None else None)
+    facts = (
+        json.loads(host) if host is not None else None,
+        json.loads(stores) if stores is not None else None,
+    )
     if len(_KV_FACTS) > 1024:
         _KV_FACTS.clear()
     _KV_FACTS[node] = (now + run.config.expire_period_s, *facts)
@@ -163,4 +194,3 @@ def _node_kv_facts(run: Run, node: str) -> tuple[str | None, list[str] | None]:
 
 
 _KV_FACTS: dict[str, tuple[float, str | None, list[str] | None]] = {}
-

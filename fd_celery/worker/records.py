@@ -51,8 +51,14 @@ def _record(backend: Any, task_id: str, status: str, result: Any) -> tuple[str, 
     """The key and encoded value Celery's result backend keeps for a task in ``status`` (done
     now, for a final state)."""
     done = datetime.now(timezone.utc).isoformat() if status in states.READY_STATES else None
-    meta = {"status": status, "result": result, "traceback": None, "children": [], "date_done": done,
-            "task_id": task_id}
+    meta = {
+        "status": status,
+        "result": result,
+        "traceback": None,
+        "children": [],
+        "date_done": done,
+        "task_id": task_id,
+    }
     return backend.get_key_for_task(task_id), backend.encode(meta)
 
 
@@ -68,10 +74,11 @@ def same_redis(backend: Any, pipe: Any) -> bool:
     """Whether the result backend is Redis, and the server and database ``pipe`` talks to."""
     params = getattr(backend, "connparams", None) if _is_redis(backend) else None
     mine = pipe.connection_pool.connection_kwargs
-    return isinstance(params, dict) and all(params.get(k) == mine.get(k) for k in ("host", "port", "path", "db"))
+    return isinstance(params, dict) and all(
+        params.get(k) == mine.get(k) for k in ("host", "port", "path", "db")
+    )
 
 
 def _result_expiry_s(backend: Any) -> int:
     expires = backend.expires  # result_expires: a timedelta, seconds, or None (then a day)
     return max(1, int(expires.total_seconds() if hasattr(expires, "total_seconds") else expires or 86400))
-

@@ -56,8 +56,10 @@ class _RedactRejectedMessages(logging.Filter):
 
 def install_log_redaction() -> None:
     """Filters on Celery's loggers that keep prompts and outputs out of the logs (idempotent)."""
-    for name, kind in (("celery.app.trace", _RedactResults),
-                       ("celery.worker.consumer.consumer", _RedactRejectedMessages)):
+    for name, kind in (
+        ("celery.app.trace", _RedactResults),
+        ("celery.worker.consumer.consumer", _RedactRejectedMessages),
+    ):
         target = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in target.filters):
             target.addFilter(kind())

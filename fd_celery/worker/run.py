@@ -53,12 +53,25 @@ from fd_celery.streams import (
 )
 from fd_celery.worker.records import mark_started, same_redis, success_record, write_record
 
-__all__ = ["Run", "Output", "Decoded", "guarded", "outcome", "admitted", "prompt_ids_of", "seed_for",
-           "stream_tokens", "build_result", "header_float", "CHUNK_FLUSH_S"]
+__all__ = [
+    "Run",
+    "Output",
+    "Decoded",
+    "guarded",
+    "outcome",
+    "admitted",
+    "prompt_ids_of",
+    "seed_for",
+    "stream_tokens",
+    "build_result",
+    "header_float",
+    "CHUNK_FLUSH_S",
+]
 
 logger = logging.getLogger(__name__)
 
 CHUNK_FLUSH_S = 0.002  # chunks wait at most this long before they go to the writer threads
+
 
 @dataclass
 class Output:
@@ -103,7 +116,9 @@ class Output:
         ours = {"seq": self.seq, **payload}
         items = [*self.buffer, (self.seq, ours)]
         self.buffer = []
-        record = self.success_record(payload["result"]) if self.success_record and "result" in payload else None
+        record = (
+            self.success_record(payload["result"]) if self.success_record and "result" in payload else None
+        )
         stored = self.writer.finish(self.key, items, retention_s, record=record)
         if stored == ours:  # this run ended the request (not an earlier one): count it once
             self.writer.defer(lambda pipe: record_end(pipe, self.topic, self.node, ours), retry=False)
@@ -164,13 +179,21 @@ class Run:
             return True
         return False
 
+
 def record_end(pipe: Any, topic: str, node: str, end: dict[str, Any]) -> None:
     result = end.get("result")
     if isinstance(result, dict):
         served = result.get("served_by") or [node]
-        metrics.record_end(pipe, topic, node, "ok", result.get("ttft_s"), result.get("tpot_s"),
-                           len(result.get("token_ids") or ()),
-                           first_node=served[0] if len(served) > 1 else None)
+        metrics.record_end(
+            pipe,
+            topic,
+            node,
+            "ok",
+            result.get("ttft_s"),
+            result.get("tpot_s"),
+            len(result.get("token_ids") or ()),
+            first_node=served[0] if len(served) > 1 else None,
+        )
     else:
         error = end.get("error")
         error = error if isinstance(error, dict) else {}
@@ -199,12 +222,18 @@ def guarded(run: Run, work: Any) -> dict[str, Any]:
         logger.exception("request %s failed in the engine", run.request_id)
         return run.out.fail(WorkerError(f"the worker failed the request: {type(exc).__name__}: {exc}"))
     # Client.submit: the SUCCESS record, unless it went with the end entry or the task stored it
-    if run.task.request.get(RESULT_HEADER) == RESULT_DEFERRED and not run.result_stored and not run.out.success_record:
+    if (
+        run.task.request.get(RESULT_HEADER) == RESULT_DEFERRED
+        and not run.result_stored
+        and not run.out.success_record
+    ):
         backend, task_id = run.task.backend, str(run.task.request.id)
         # (from a writer thread: Client.submit sends ignore_result, so Celery does not store it)
-        run.out.writer.defer(lambda pipe: write_record(backend, pipe, task_id, states.SUCCESS, result),
-                             key=run.out.key)
+        run.out.writer.defer(
+            lambda pipe: write_record(backend, pipe, task_id, states.SUCCESS, result), key=run.out.key
+        )
     return result
+
 
 # --------------------------------------------------------------------------- checks
 
@@ -281,9 +310,18 @@ def stream_tokens(
         out.chunk(tail, (), write=out.seq >= skip)
     return Decoded(finish_reason, first_at, last_at, produced)
 
+
 def build_result(
-    run: Run, request: GenerateRequest, engine: Any, prompt_ids: list[int], served_by: tuple[str, ...],
-    submitted: float, first_at: float, done: Decoded, stolen: bool = False, started: float | None = None,
+    run: Run,
+    request: GenerateRequest,
+    engine: Any,
+    prompt_ids: list[int],
+    served_by: tuple[str, ...],
+    submitted: float,
+    first_at: float,
+    done: Decoded,
+    stolen: bool = False,
+    started: float | None = None,
 ) -> GenerationResult:
     tokens = len(run.out.token_ids)
     return GenerationResult(
@@ -300,4 +338,3 @@ def build_result(
         model=engine.model_name,
         extra={},
     )
-

@@ -43,5 +43,9 @@ def runner_for(app: Celery) -> EngineRunner:
 
                 torch.set_num_threads(settings.torch_threads)
             logger.info("loading model %s on %s", settings.model, settings.device)
-            current = _runner = (os.getpid(), wanted, EngineRunner(load_engine(settings.model, settings.device)))
+            current = _runner = (
+                os.getpid(),
+                wanted,
+                EngineRunner(load_engine(settings.model, settings.device)),
+            )
         return current[2]
