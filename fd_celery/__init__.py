@@ -16,6 +16,7 @@ from fd_celery.client import Client, RequestHandle
 from fd_celery.config import SchedulerConfig
 from fd_celery.errors import (
     BrokerUnavailable,
+    ClientClosed,
     ConfigError,
     FDCeleryError,
     InvalidRequest,
@@ -52,4 +53,5 @@ __all__ = [
     "ResultTimeout",
     "BrokerUnavailable",
     "WorkerError",
+    "ClientClosed",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "ResultTimeout",
     "BrokerUnavailable",
     "WorkerError",
+    "ClientClosed",
     "error_from_dict",
     "error_to_dict",
 ]
@@ -71,6 +72,10 @@ class BrokerUnavailable(FDCeleryError, ConnectionError):
 
 class WorkerError(FDCeleryError):
     """The worker failed the request for a reason outside the caller's control."""
+
+
+class ClientClosed(FDCeleryError, RuntimeError):
+    """The ``Client`` was closed: it submits nothing more and follows no stream."""
 
 
 def error_to_dict(exc: FDCeleryError) -> dict[str, str]:

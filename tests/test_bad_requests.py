@@ -9,12 +9,15 @@ result backend as the same class).
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery import Celery, states
+from celery import Celery
 
 import fd_celery
 from fd_celery.errors import InvalidRequest, WorkerError
@@ -158,12 +161,82 @@ def test_apply_async_on_the_task_object_is_checked_too(offline_app: Celery):
 
 
 @pytest.mark.parametrize("args", [[1], ["hello", 4], [{"prompt": "hello"}]])
-def test_positional_args_reach_the_worker_and_are_rejected(app: Celery, client, args):
-    async_result = app.send_task("fd.generate", args=args, kwargs={"prompt": "hello", "max_tokens": 4})
-    with pytest.raises(InvalidRequest, match="keyword arguments only"):
-        async_result.get(timeout=60)
-    assert async_result.state == states.FAILURE
-    assert_still_serving(client)
+@pytest.mark.parametrize("task", ["fd.generate", "fd.prefill"])
+def test_positional_args_refused_at_send(offline_app: Celery, redis_server, args, task):
+    """The router refuses them before anything is published, and says fd.generate takes
+    keyword arguments (not "give exactly one of prompt and token_ids")."""
+    queues_before = set(redis_server.client().keys("fd.*"))
+    with pytest.raises(InvalidRequest, match=f"{task} takes keyword arguments only") as info:
+        offline_app.send_task(task, args=args, kwargs={"prompt": "hello", "max_tokens": 4})
+    assert f"got {len(args)} positional argument(s)" in str(info.value)
+    assert set(redis_server.client().keys("fd.*")) == queues_before
+
+
+@pytest.mark.parametrize(
+    "keywords,named",
+    [
+        ({"max_token": 4}, "'max_token'"),
+        ({"max_tokens": 4, "stream": True, "top_p": 0.9}, "'stream', 'top_p'"),
+    ],
+)
+def test_submit_with_an_unknown_keyword_is_an_invalid_request(offline_client, keywords, named):
+    with pytest.raises(InvalidRequest) as info:
+        offline_client.submit("hello", **keywords)
+    assert f"unknown keyword(s) [{named}]" in str(info.value)
+    assert "allowed: prompt, token_ids, max_tokens" in str(info.value)
+
+
+def test_submit_without_max_tokens_is_an_invalid_request(offline_client):
+    with pytest.raises(InvalidRequest, match="max_tokens is required"):
+        offline_client.submit("hello")
+
+
+CALL_CASES = [
+    # id, celery call arguments, what the one line must say
+    ("bad-kwarg", ["--kwargs", '{"prompt": "hi", "max_tokens": 4, "bogus": 1}'], "['bogus']"),
+    ("positional", ["--args", '["hi", 4]'], "fd.generate takes keyword arguments only"),
+    ("bad-value", ["--kwargs", '{"prompt": "", "max_tokens": 4}'], "prompt is empty"),
+]
+
+
+@pytest.mark.parametrize("call_args,fragment", [c[1:] for c in CALL_CASES], ids=[c[0] for c in CALL_CASES])
+def test_celery_call_prints_the_error_not_a_traceback(redis_server, call_args, fragment):
+    env = {
+        **os.environ,
+        "FD_SCHEDULER_PORT": str(redis_server.port),
+        "FD_SCHEDULER_TOPIC": run_topic("bad-offline"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.mixed", "call", "fd.generate", *call_args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 1, done
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: InvalidRequest: "), done.stderr
+    assert fragment in lines[0]
+
+
+def test_celery_call_of_a_good_request_still_prints_its_id(redis_server):
+    """The control: the hook changes nothing for a request that goes out."""
+    env = {
+        **os.environ,
+        "FD_SCHEDULER_PORT": str(redis_server.port),
+        "FD_SCHEDULER_TOPIC": run_topic("bad-offline"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "workers.mixed", "call", "fd.generate"]
+        + ["--kwargs", '{"prompt": "hi", "max_tokens": 4}'],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done
+    uuid.UUID(done.stdout.strip())
 
 
 @pytest.mark.parametrize("task_id", ["../../etc", "a b", "x" * 300], ids=["path", "space", "300-chars"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import fd_celery
-from fd_celery.client import ClientClosed
+from fd_celery import ClientClosed
 from fd_celery.connection import BLOCK_MS
 from fd_celery.errors import FDCeleryError, ResultTimeout
 from fd_celery.local_cluster import RedisServer

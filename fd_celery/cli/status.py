@@ -5,16 +5,24 @@ for Prometheus.
 requests, heartbeat age, steals made and suffered, KV bytes held (``--json`` for scripts).
 ``fd metrics`` serves the Prometheus exposition at ``/metrics`` (``--once`` prints it and exits);
 see :mod:`fd_celery.observability.metrics`.
+
+Celery loads this module (its ``celery.commands`` entry point) in every ``celery`` command. In a
+command of an fd_celery app, an fd_celery error that nothing caught (``celery call fd.generate``
+with a bad field, a worker refusing its configuration) ends the command with its one-line message
+and exit status 1, not a traceback of Celery's and Click's frames: see :func:`short_errors`.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
+from types import TracebackType
 from typing import Any
 
 import click
 from celery.bin.base import CeleryCommand, handle_preload_options
+from celery.signals import user_preload_options
 
 from fd_celery import kv
 from fd_celery.connection import redis_errors, redis_for
@@ -23,7 +31,29 @@ from fd_celery.keys import dead_letter_list, steals_hash
 from fd_celery.observability.exporter import queue_depths, shared_queue_depths
 from fd_celery.scheduler import loadtable
 from fd_celery.scheduler.registry import live_nodes
-from fd_celery.settings import get_config
+from fd_celery.settings import get_config, has_config
+
+
+@user_preload_options.connect
+def short_errors(app: Any = None, **_: Any) -> None:
+    """In a ``celery`` command of an fd_celery app (Celery sends this signal before the command
+    runs): an uncaught fd_celery error prints ``Error: <Type>: <message>`` on stderr, exit 1. Any
+    other error keeps Python's traceback."""
+    if app is None or not has_config(app) or isinstance(sys.excepthook, _ShortErrors):
+        return
+    sys.excepthook = _ShortErrors(sys.excepthook)
+
+
+class _ShortErrors:
+    def __init__(self, previous: Any) -> None:
+        self.previous = previous
+
+    def __call__(self, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if isinstance(exc, FDCeleryError):
+            click.echo(f"Error: {exc_type.__name__}: {exc}", err=True)
+        else:
+            self.previous(exc_type, exc, tb)
+
 
 # (JSON field, table heading)
 COLUMNS = (

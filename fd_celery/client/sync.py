@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import kombu.exceptions
 import redis
@@ -28,6 +28,7 @@ from celery.result import AsyncResult
 from fd_celery.connection import BLOCK_MS, redis_errors, redis_for
 from fd_celery.errors import (
     BrokerUnavailable,
+    ClientClosed,
     FDCeleryError,
     InvalidRequest,
     RequestExpired,
@@ -40,14 +41,13 @@ from fd_celery.protocol import RESULT_DEFERRED, RESULT_HEADER, GenerationResult,
 from fd_celery.settings import get_config
 from fd_celery.streams import StreamReaders, last_entry
 
-__all__ = ["Client", "RequestHandle", "ClientClosed"]
+__all__ = ["Client", "RequestHandle"]
+
+# Keywords of Client.submit after the prompt, named in the error for an unknown one.
+SUBMIT_KEYWORDS = ("token_ids", "max_tokens", "temperature", "seed", "request_id", "node", "priority")
 
 # A request still PENDING this long after its deadline was never started by any node.
 EXPIRY_GRACE_S = 2.0
-
-
-class ClientClosed(FDCeleryError, RuntimeError):
-    """The client was closed: it submits nothing more and follows no stream."""
 
 
 class Client:
@@ -114,20 +114,28 @@ class Client:
         prompt: str | None = None,
         *,
         token_ids: list[int] | None = None,
-        max_tokens: int,
+        max_tokens: int | None = None,  # required: None is an InvalidRequest, as is a typo of it
         temperature: float = 0.0,
         seed: int | None = None,
         request_id: str | None = None,
         node: str | None = None,
         priority: int | None = None,
+        **unknown: NoReturn,
     ) -> RequestHandle:
         """Send one request; returns at once with its handle.
 
         Raises ``InvalidRequest`` for a malformed request, ``QueueFull`` when the local queue is at
         ``scheduler_max_size``, ``NoNodeAvailable`` for a ``node`` that is not live, and
         ``BrokerUnavailable`` when Redis cannot be reached, ``ClientClosed`` after :meth:`close`.
+        ``max_tokens`` is required. A keyword it does not know is an ``InvalidRequest`` naming it
+        (and a type checker's error).
         """
         self._check_open("submit requests")
+        if unknown:
+            raise InvalidRequest(
+                f"Client.submit() got unknown keyword(s) {sorted(unknown)}; allowed: "
+                f"prompt, {', '.join(SUBMIT_KEYWORDS)}"
+            )
         fields = {
             "prompt": prompt,
             "token_ids": token_ids,

@@ -37,7 +37,7 @@ from celery import Celery, current_app
 from fd_celery import keys
 from fd_celery.config import SchedulerConfig
 from fd_celery.connection import redis_errors, redis_for
-from fd_celery.errors import NoNodeAvailable, QueueFull
+from fd_celery.errors import InvalidRequest, NoNodeAvailable, QueueFull
 from fd_celery.observability import metrics
 from fd_celery.protocol import GenerateRequest, parse_decode_kwargs, parse_request
 from fd_celery.scheduler import admission, loadtable, registry
@@ -69,6 +69,12 @@ def route_task(
         else:
             queue = _node_queue(config, decode.node)
         return {"queue": queue, "kwargsrepr": f"{{request_id={decode.request_id!r}}}"}
+    if args:  # (a list or tuple; Celery passes () or None when there are none)
+        raise InvalidRequest(
+            f"{name} takes keyword arguments only (kwargs={{'prompt': ..., 'max_tokens': ...}}; "
+            f'celery call {name} --kwargs \'{{"prompt": "Hi", "max_tokens": 16}}\'), '
+            f"got {len(args)} positional argument(s)"
+        )
     request = parse_request(kwargs if kwargs is not None else {})
     now = time.time()
     headers: dict[str, Any] = {"fd_submitted": now, "fd_deadline": now + config.ttl_s}
