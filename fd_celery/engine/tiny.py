@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fd_celery.engine.base import Engine, KVCache, SamplingParams
+from fd_celery.engine.batch import KVPool
 from fd_celery.engine.sampling import sample_token
 from fd_celery.engine.tokenizer import EOS_ID, ByteTokenizer
 from fd_celery.errors import ConfigError
@@ -158,6 +159,37 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+#: Every linear layer runs on at least this many rows (zero rows pad the rest). On the CPU a
+#: matrix product with one row takes a different kernel (GEMV) than one with several (GEMM), and
+#: products of 2-3 rows another still; from 4 rows on, with one intra-op thread, a row's result
+#: does not depend on the rows beside it. So a sequence decoded alone (one row) and the same
+#: sequence decoded in a batch of 32 get bit-identical logits: see :func:`batch_invariant`.
+MIN_ROWS = 4
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` over the rows of 2-D ``x``, never on fewer than :data:`MIN_ROWS` rows."""
+    n = x.shape[0]
+    if n >= MIN_ROWS:
+        return F.linear(x, weight)
+    padded = torch.cat((x, x.new_zeros(MIN_ROWS - n, x.shape[1])))
+    return F.linear(padded, weight)[:n]
+
+
+def batch_invariant(device: torch.device | str = "cpu") -> bool:
+    """Whether, here (this CPU, this torch, its thread count), a row's linear product is the same
+    alone and in any batch: the premise of exact batching (checked once at engine load)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(1234)
+    weight = torch.randn(96, 80, generator=gen).to(device)
+    rows = torch.randn(40, 80, generator=gen).to(device)
+    whole = _linear(rows, weight)
+    return all(
+        torch.equal(_linear(rows[start : start + n], weight), whole[start : start + n])
+        for start, n in ((0, 1), (3, 1), (5, 2), (7, 3), (0, 4), (9, 5), (1, 17), (20, 20))
+    )
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Written out rather than ``F.rms_norm`` (torch >= 2.4): workers may run torch 2.1."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
@@ -252,6 +284,120 @@ class TinyLlamaEngine(Engine):
             logits = self._forward(ids, cache, start=start)
             return sample_token(logits, sampling, position=start + 1)
 
+    # -- batched (see fd_celery.engine.batch) -----------------------------------------------
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        cfg = self.config
+        return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
+
+    def new_kv_pool(self, kv_cache_bytes: int, block_size: int) -> KVPool:
+        cfg = self.config
+        per_block = KVPool.bytes_per_block(
+            cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, torch.float32
+        )
+        num_blocks = kv_cache_bytes // per_block
+        if num_blocks < 1:
+            raise ConfigError(
+                f"kv_cache_bytes={kv_cache_bytes} holds no KV block of {self.model_name} "
+                f"({per_block} bytes for {block_size} tokens); give it at least {per_block}"
+            )
+        log.info(
+            "KV pool of %s: %d blocks of %d tokens (%.1f MiB)",
+            self.model_name,
+            num_blocks,
+            block_size,
+            num_blocks * per_block / (1 << 20),
+        )
+        return KVPool(
+            cfg.n_layers,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            num_blocks,
+            block_size,
+            torch.float32,
+            self._torch_device,
+        )
+
+    def check_cache(self, cache: KVCache) -> None:
+        cfg = self.config
+        if cache.num_layers != cfg.n_layers:
+            raise ValueError(
+                f"cache has {cache.num_layers} layers, model {self.model_name} has {cfg.n_layers}"
+            )
+        want = (cfg.n_kv_heads, cache.num_tokens, cfg.head_dim)
+        for t in cache.tensors():
+            if tuple(t.shape) != want or t.dtype != torch.float32:
+                raise ValueError(
+                    f"cache tensor {tuple(t.shape)} {t.dtype} does not fit {self.model_name} "
+                    f"(expected {want} float32)"
+                )
+
+    def forward_paged(
+        self,
+        pool: KVPool,
+        inputs: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        tables: Sequence[Sequence[int]],
+    ) -> list[torch.Tensor]:
+        """Every sequence's new tokens in one forward: the linear layers see all rows at once
+        (each row's result independent of the others, see :data:`MIN_ROWS`), attention runs
+        per sequence over its blocks, exactly as the reference path's shapes."""
+        w, cfg = self._weights, self.config
+        positions = [range(start, start + len(ids)) for ids, start in zip(inputs, starts)]
+        for pos in positions:
+            self._check_room(pos.stop + 1)
+        with torch.inference_mode():
+            ids = self._ids_tensor([t for ids in inputs for t in ids])
+            flat = torch.tensor(
+                [p for pos in positions for p in pos], dtype=torch.long, device=self._torch_device
+            )
+            cos, sin = self._cos[flat], self._sin[flat]
+            slots = pool.slots(tables, positions)
+            spans, row = [], 0
+            for pos, table in zip(positions, tables):
+                spans.append((row, len(pos), pos.stop, pool.table_index(table, pos.stop)))
+                row += len(pos)
+            x = F.embedding(ids, w.embed)
+            for index, layer in enumerate(w.layers):
+                h = _rms_norm(x, layer.attn_norm, cfg.norm_eps)
+                x = x + self._attention_paged(h, layer, index, pool, slots, spans, cos, sin)
+                h = _rms_norm(x, layer.ffn_norm, cfg.norm_eps)
+                gate, up = _linear(h, layer.w_gate_up).chunk(2, dim=-1)
+                x = x + _linear(F.silu(gate) * up, layer.w_down)
+            last = torch.tensor(
+                [r + n - 1 for r, n, _, _ in spans], dtype=torch.long, device=self._torch_device
+            )
+            h = _rms_norm(x.index_select(0, last), w.final_norm, cfg.norm_eps)
+            logits = _linear(h, w.lm_head) + self._bias
+            return list(logits.unbind(0))
+
+    def _attention_paged(
+        self,
+        h: torch.Tensor,
+        layer: _Layer,
+        index: int,
+        pool: KVPool,
+        slots: tuple[torch.Tensor, torch.Tensor],
+        spans: list[tuple[int, int, int, torch.Tensor]],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        cfg = self.config
+        rows, hd = h.shape[0], cfg.head_dim
+        q, k, v = _linear(h, layer.wqkv).split(
+            [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=-1
+        )
+        q = _apply_rope(q.view(rows, cfg.n_heads, hd).transpose(0, 1), cos, sin)
+        k = _apply_rope(k.view(rows, cfg.n_kv_heads, hd).transpose(0, 1), cos, sin)
+        pool.write(index, slots, k, v.view(rows, cfg.n_kv_heads, hd).transpose(0, 1))
+        outs = []
+        for row, n, total, blocks in spans:  # (rows of this sequence, tokens it holds, its blocks)
+            keys, values = pool.read(index, blocks, total)
+            outs.append(_attend(q[:, row : row + n].contiguous(), keys, values))
+        out = torch.cat(outs, dim=1)
+        return _linear(out.transpose(0, 1).reshape(rows, cfg.n_heads * hd), layer.wo)
+
     def _check_room(self, needed: int) -> None:
         """Guard: the cache plus the token about to be produced must fit in ``max_context``."""
         if needed > self.max_context:
@@ -277,10 +423,10 @@ class TinyLlamaEngine(Engine):
             h = _rms_norm(x, layer.attn_norm, cfg.norm_eps)
             x = x + self._attention(h, layer, index, cache, cos, sin)
             h = _rms_norm(x, layer.ffn_norm, cfg.norm_eps)
-            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down)
-        h = _rms_norm(x[-1], w.final_norm, cfg.norm_eps)
-        return F.linear(h, w.lm_head) + self._bias
+            gate, up = _linear(h, layer.w_gate_up).chunk(2, dim=-1)
+            x = x + _linear(F.silu(gate) * up, layer.w_down)
+        h = _rms_norm(x[-1:], w.final_norm, cfg.norm_eps)
+        return (_linear(h, w.lm_head) + self._bias)[0]
 
     def _attention(
         self,
@@ -293,7 +439,7 @@ class TinyLlamaEngine(Engine):
     ) -> torch.Tensor:
         cfg = self.config
         n, hd = h.shape[0], cfg.head_dim
-        q, k, v = F.linear(h, layer.wqkv).split(
+        q, k, v = _linear(h, layer.wqkv).split(
             [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=-1
         )
         q = _apply_rope(q.view(n, cfg.n_heads, hd).transpose(0, 1), cos, sin)
@@ -308,4 +454,4 @@ class TinyLlamaEngine(Engine):
             cache.keys.append(k)
             cache.values.append(v)
         out = _attend(q, k, v)
-        return F.linear(out.transpose(0, 1).reshape(n, cfg.n_heads * hd), layer.wo)
+        return _linear(out.transpose(0, 1).reshape(n, cfg.n_heads * hd), layer.wo)
