@@ -14,6 +14,10 @@ Two guards, one at each layer that can fail:
   builds a request from it, and fails that request's result with :class:`InvalidRequest`, so a
   caller waiting on it learns why at once.
 
+The strategy also takes one kind of message out of Celery's hands: a request whose Celery
+``expires`` ran out is refused by fd_celery's own TTL check, so its caller gets ``RequestExpired``
+and never Celery's ``TaskRevokedError('expired')`` (:func:`fold_expires`).
+
 Whatever is refused is logged at ERROR without its contents and pushed, as JSON, onto the topic's
 dead-letter list ``fd:T:dead`` (newest first, the last :data:`KEEP` entries, kept
 :data:`KEEP_S` seconds): ``celery -A APP fd status`` shows how many there are.
@@ -25,12 +29,22 @@ import base64
 import json
 import logging
 import time
+from datetime import datetime
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
-__all__ = ["Transport", "guarded_strategy", "dead_letter", "dead_letters", "KEEP", "KEEP_S", "OPTION"]
+__all__ = [
+    "Transport",
+    "guarded_strategy",
+    "fold_expires",
+    "dead_letter",
+    "dead_letters",
+    "KEEP",
+    "KEEP_S",
+    "OPTION",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +52,10 @@ logger = logging.getLogger(__name__)
 KEEP = 1000
 KEEP_S = 7 * 24 * 3600
 KEPT_BYTES = 64 * 1024
+
+#: Tasks whose run checks ``fd_deadline`` before it starts (see :func:`fold_expires`); ``fd.decode``
+#: continues a started request and keeps Celery's ``expires``.
+DEADLINE_TASKS = frozenset({"fd.generate", "fd.prefill"})
 
 #: The broker transport option naming the dead-letter list (set by :func:`fd_celery.install`).
 OPTION = "fd_dead_letters"
@@ -180,9 +198,44 @@ def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
             if problem is not None:
                 _refuse(app, message, problem)
                 raise InvalidTaskError(f"fd_celery: {task.name} message refused: {problem}") from None
+        if task.name in DEADLINE_TASKS:
+            fold_expires(message.headers)
         return handle(message, body, *args, **kw)
 
     return handler
+
+
+def fold_expires(headers: Any) -> None:
+    """Celery's ``expires`` of a request becomes fd_celery's deadline: ``fd_deadline`` is the
+    earlier of the two, and ``expires`` is dropped.
+
+    Left to Celery, an ``expires`` that ran out (the caller's, or the backstop that
+    :func:`fd_celery.install` sets behind ``scheduler_ttl``) revokes the request on receipt and
+    its caller gets ``TaskRevokedError('expired')``. Folded, the run's own TTL check refuses it as
+    for any request past its deadline: ``RequestExpired`` in the result backend and at the end of
+    the output stream, its admission ticket released, whatever way the caller sent it.
+    """
+    if not isinstance(headers, dict) or headers.get("expires") is None:
+        return
+    expires = _epoch_s(headers["expires"])
+    if expires is None:  # unreadable: Celery's own check reports it as it always did
+        return
+    deadline = headers.get("fd_deadline")
+    if isinstance(deadline, (int, float)) and not isinstance(deadline, bool):
+        expires = min(expires, float(deadline))
+    headers["fd_deadline"] = expires
+    headers["expires"] = None
+
+
+def _epoch_s(value: Any) -> float | None:
+    """An ``expires`` header (ISO 8601, as Celery's protocol 2 writes it) as epoch seconds; a
+    time without a zone is local time, as Celery reads it."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
 
 
 def _refuse(app: Any, message: Any, problem: str) -> None:
