@@ -16,12 +16,14 @@ Where a request goes:
 local             the topic's shared queue of mixed nodes
 global            the own queue of the least loaded live mixed node
 splitwise         ``fd.prefill``: a prefill-capable node (prefill or mixed) chosen by load with
-                  a blur band; ``fd.generate``: a mixed node; ``fd.decode`` is sent by the
+                  a blur band (``NoNodeAvailable`` at once when no decode-capable node is live);
+                  ``fd.generate``: a mixed node (``NoNodeAvailable`` at once when none is live:
+                  no prefill or decode node would ever take it); ``fd.decode`` is sent by the
                   prefill node to the decode node it chose when prefill ended
 ================  ==========================================================================
 
-With no node live, a request waits in its role's shared queue, which every node of the role
-consumes: the first to come up takes it, within the TTL.
+In local and global mode, with no node live, a request waits in its role's shared queue, which
+every node of the role consumes: the first to come up takes it, within the TTL.
 """
 
 from __future__ import annotations
@@ -109,6 +111,14 @@ def _queue_for(config: SchedulerConfig, name: str, request: GenerateRequest, hea
             if request.token_ids is not None
             else len((request.prompt or "").encode("utf-8", "replace")),
         )
+    elif config.scheduler_name == "splitwise":  # fd.generate: one node runs both halves
+        _require_live(
+            config,
+            ("mixed",),
+            "mixed",
+            hint="; in a splitwise cluster fd.generate runs on a mixed node only: send fd.prefill "
+            "(as Client.submit does) to split it across prefill and decode nodes",
+        )
     with redis_errors(config):
         placed = loadtable.place(redis_for(config), config, roles, blur, prefill=prefill)
     if placed is None:
@@ -119,14 +129,14 @@ def _queue_for(config: SchedulerConfig, name: str, request: GenerateRequest, hea
     return keys.node_queue(topic, role, node)
 
 
-def _require_live(config: SchedulerConfig, roles: tuple[str, ...], what: str) -> None:
-    """Fail at submit, not after prefill, when no node could ever finish the request."""
+def _require_live(config: SchedulerConfig, roles: tuple[str, ...], what: str, hint: str = "") -> None:
+    """Fail at submit, not after prefill (or never), when no node could finish the request."""
     with redis_errors(config):
         nodes = registry.live_nodes(redis_for(config), config)
     if not any(node.role in roles for node in nodes):
         metrics.record_rejected(redis_for(config), config.scheduler_topic, "NoNodeAvailable")
         raise NoNodeAvailable(
-            f"no live {what} node ({' or '.join(roles)}) in topic {config.scheduler_topic!r}"
+            f"no live {what} node ({' or '.join(roles)}) in topic {config.scheduler_topic!r}{hint}"
         )
 
 
