@@ -51,6 +51,7 @@ __all__ = ["AsyncClient", "AsyncRequestHandle", "SUBMIT_THREADS"]
 SUBMIT_THREADS = 8  # threads that publish requests (each publish blocks for a millisecond or two)
 WAKE_KEY_TTL_S = 3600  # a client's wake-up streams vanish this long after its last use
 READ_RETRY_S = 0.2  # after a failed read, the reader waits this long before the next
+MAX_CONNECTIONS = 32  # Redis connections of one client's asyncio side (blocking reads included)
 
 
 class AsyncClient:
@@ -277,14 +278,19 @@ class AsyncRequestHandle:
 
 
 def _async_redis(url: str) -> aioredis.Redis:
+    """A client whose commands wait for a free connection (up to ``MAX_CONNECTIONS``) rather than
+    fail: a thousand followers checking their backend state at once share a few connections."""
     # The socket timeout stays above BLOCK_MS, or a blocking read would time out (redis-py 8).
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=SOCKET_TIMEOUT_S,
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         health_check_interval=30,
         decode_responses=False,
     )
+    return aioredis.Redis.from_pool(pool)  # (it closes the pool when closed)
 
 
 class _ReaderSlot:

@@ -108,7 +108,7 @@ _CHAT_UNSUPPORTED = frozenset(
         "service_tier",
     }
 )
-_COMMON = frozenset({"model", "stream", "stream_options", "max_tokens"})
+_COMMON = frozenset({"model", "stream", "stream_options", "max_tokens"}) | _METADATA
 _COMPLETION_FIELDS = _COMMON | {"prompt"} | set(SAMPLING) | set(_ONE_CHOICE) | set(_COMPLETION_ONLY_NEUTRAL)
 _CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"} | set(SAMPLING) | {"n"} | _CHAT_UNSUPPORTED
 
