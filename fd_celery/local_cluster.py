@@ -8,6 +8,7 @@ user runs. Redis comes from ``redis-server`` on PATH or, failing that, the serve
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -130,6 +131,11 @@ class RedisServer:
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def stop(self) -> None:
+        """Stop the server for good (its directory goes too). The shm KV blobs whose references
+        it held go with it: no decode node can ever find them now."""
+        from fd_celery import kv
+
+        blobs = self.shm_blobs()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -139,6 +145,25 @@ class RedisServer:
                 self.process.wait(5)
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        kv.remove_shm_blobs(blobs)
+
+    def shm_blobs(self) -> list[str]:
+        """The shm blob files that this server's bytes-held indexes (``fd:<topic>:kvheld``, every
+        database) name: blobs handed over and not yet taken."""
+        names: list[str] = []
+        if self.process is None or self.process.poll() is not None:
+            return names
+        try:
+            for db in self.client().info("keyspace"):  # "db0", "db3", ...: those holding keys
+                client = self.client(int(str(db).removeprefix("db")))
+                for key in client.scan_iter(match="fd:*:kvheld", count=1000):
+                    held: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
+                    names += [
+                        loc.decode("utf-8", "replace") for loc, v in held.items() if v.endswith(b"|shm")
+                    ]
+        except redis.RedisError:
+            pass  # (not answering: it takes its index with it, and the blobs expire by themselves)
+        return names
 
 
 @dataclass
@@ -293,11 +318,16 @@ class LocalCluster:
         return Client(app)
 
     def close(self, keep_logs: bool = False) -> None:
+        """Stop the workers (and the Redis this cluster started); then sweep what stopped
+        processes left in /dev/shm, however they ended (see :func:`fd_celery.kv.sweep_shm`)."""
+        from fd_celery import kv
+
         for worker in self.workers:
             worker.stop(keep_log=keep_logs)
         self.workers.clear()
         if self._owns_redis:
             self.redis.stop()
+        kv.sweep_shm(math.inf)  # recycled files of dead writers, blobs past their TTL: any topic
 
     def __enter__(self) -> LocalCluster:
         return self

@@ -12,6 +12,8 @@ stores by kind, imported on first use: :mod:`~fd_celery.kv.shm`,
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from fd_celery.kv.dispatch import choose_store, close_pool, discard, put, stores_offered, sweep_shm, take
 from fd_celery.kv.index import bytes_held, note_held, note_taken
 from fd_celery.kv.ref import SHM_DIR, SHM_PREFIX, KVRef, max_kv_bytes
@@ -36,12 +38,21 @@ __all__ = [
     "bytes_held",
     # housekeeping
     "sweep_shm",
+    "remove_shm_blobs",
     "close_pool",
 ]
 
 #: (read when asked, below: a bad ``FD_MAX_KV_BYTES`` is an error where a reference is checked,
 #: not where this package is imported)
 MAX_KV_BYTES: int
+
+
+def remove_shm_blobs(names: Iterable[str]) -> int:
+    """Remove the shm blob files ``names`` at once (their references' Redis is gone for good);
+    see :func:`fd_celery.kv.shm.remove_blobs`."""
+    from fd_celery.kv.shm import remove_blobs  # (the stores load on first use)
+
+    return remove_blobs(names)
 
 
 def __getattr__(name: str) -> int:

@@ -2,19 +2,28 @@
 maps it and takes its name away at once: the pages live until the last tensor built on them is
 gone. A prefill process recycles a few files (:class:`_ShmPool`), so that a hand-off copies into
 pages that are already there instead of making tmpfs allocate (and zero) fresh ones per blob.
+
+Nothing here outlives its owners (:func:`sweep_shm`, run by every node at start and then every
+few seconds, for every topic): a recycled file names its writer's pid and goes as soon as that
+process is gone, however it ended (TERM, INT, kill -9); a blob on its way to a decode node belongs
+to its request and goes when the request's TTL, which its header carries, has passed. When the
+Redis that held the references goes for good, :func:`remove_blobs` removes their blobs at once.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
 import mmap
 import os
 import re
 import secrets
+import struct
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +47,9 @@ if TYPE_CHECKING:
 
     from fd_celery.engine.base import KVCache
 
-__all__ = ["STORE", "ShmStore", "sweep_shm", "close_pool"]
+__all__ = ["STORE", "ShmStore", "sweep_shm", "remove_blobs", "close_pool", "EXPIRED_GRACE_S"]
 
+_NAME_RE = re.compile(SHM_PREFIX + r"[A-Za-z0-9_.:-]{1,300}")  # any file of this store
 _POOL_RE = re.compile(SHM_PREFIX + r"[A-Za-z0-9_.-]{1,64}-free-[0-9]{1,10}-[0-9a-f]{8}-[0-9]{1,3}")
 _POOL_FILE_RE = re.compile(
     r"-free-([0-9]{1,10})-[0-9a-f]{8}-[0-9]{1,3}(-held)?$"
@@ -48,6 +58,10 @@ _GRANULE = 1 << 20  # slot files grow in whole MiB
 _LEASE_GRACE_S = 60.0
 #: (+ this: room in a slot for the pool name the header will carry)
 _POOL_NAME_ROOM = 128
+#: A blob goes this long after its request's TTL ran out (a take checks the expiry first; the
+#: grace keeps the sweep out of a take that began just before it).
+EXPIRED_GRACE_S = 5.0
+_MAX_HEADER_BYTES = 64 * 1024  # a header longer than this is not one of ours
 
 
 class ShmStore(KVStore):
@@ -114,6 +128,7 @@ class _Slot:
     mm: mmap.mmap
     view: Any  # a uint8 tensor over ``mm``
     lent_at: float
+    blob_path: str = ""  # the name it was last lent under
 
 
 class _ShmPool:
@@ -147,12 +162,12 @@ class _ShmPool:
                 free = _free_inode(slot)
                 if free is None:
                     if now - slot.lent_at > ttl_s + _LEASE_GRACE_S:
-                        self._drop(slot)  # never came back: its decode node died
+                        self._drop(slot, remove=True)  # never came back: its decode node died
                     continue
                 if slot.topic == topic and slot.size >= size:
                     os.rename(os.path.join(SHM_DIR, slot.free_name), blob_path)
                     os.utime(blob_path)  # sweep_shm goes by age
-                    slot.lent_at = now
+                    slot.lent_at, slot.blob_path = now, blob_path
                     return slot
             while self.slots and (
                 len(self.slots) >= knobs.kv_shm_pool_slots
@@ -192,6 +207,7 @@ class _ShmPool:
             mm,
             torch.frombuffer(mm, dtype=torch.uint8),
             now,
+            blob_path,
         )
         self.slots.append(slot)
         return slot
@@ -203,8 +219,13 @@ class _ShmPool:
         except FileNotFoundError:
             pass
 
-    def _drop(self, slot: _Slot) -> None:
+    def _drop(self, slot: _Slot, remove: bool = False) -> None:
+        """Forget ``slot``; with ``remove``, also remove its file under the names it is lent
+        under (the blob's, or held by a decode node), where it is still this slot's file."""
         self.slots.remove(slot)
+        if remove:
+            for path in (slot.blob_path, os.path.join(SHM_DIR, slot.free_name + "-held")):
+                _unlink_if_inode(path, slot.inode)
         del slot.view  # the mapping is unmapped when the last view of it is gone
 
     def close(self) -> None:
@@ -225,6 +246,14 @@ def _free_inode(slot: _Slot) -> int | None:
     except FileNotFoundError:
         return None
     return inode if inode == slot.inode else None
+
+
+def _unlink_if_inode(path: str, inode: int) -> None:
+    try:
+        if path and os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _unlink(name: str) -> None:
@@ -377,9 +406,15 @@ def _return_slot(held: str, free: str) -> None:
 
 
 def sweep_shm(max_age_s: float, topic: str | None = None) -> int:
-    """Remove what nobody will use (of ``topic``, or of every topic): blobs older than
-    ``max_age_s`` (their request expired), the idle slot files of processes that are gone, and
-    slots held longer than that (their decode node died). Returns how many files went."""
+    """Remove what nobody will use (of ``topic``, or of every topic), whoever wrote it; returns
+    how many files went:
+
+    * a recycled file (free, or held by a decode node) whose writer process is gone;
+    * a blob whose request's TTL ran out (``expires_at`` in its header) :data:`EXPIRED_GRACE_S`
+      ago: no decode node can take it any more, whatever the sweeping node's own TTL;
+    * anything not a recycled file of a live writer that is older than ``max_age_s`` (a blob
+      whose header cannot be read, a slot held past any request's run).
+    """
     removed, now = 0, time.time()
     prefix = f"{SHM_PREFIX}{topic}-" if topic is not None else SHM_PREFIX
     try:
@@ -392,12 +427,58 @@ def sweep_shm(max_age_s: float, topic: str | None = None) -> int:
         path = os.path.join(SHM_DIR, name)
         pool = _POOL_FILE_RE.search(name)
         try:
-            if pool and not pid_alive(int(pool.group(1))):
-                os.unlink(path)  # the writer is gone; a reader still mapping it keeps its pages
-                removed += 1
-            elif (not pool or pool.group(2)) and now - os.stat(path).st_mtime > max_age_s:
+            if pool:
+                gone = not pid_alive(int(pool.group(1)))  # a reader still mapping it keeps its pages
+                if not gone and pool.group(2):
+                    gone = now - os.stat(path).st_mtime > max_age_s
+            else:
+                expires_at = _blob_expiry(path, name)
+                gone = (expires_at is not None and now > expires_at + EXPIRED_GRACE_S) or (
+                    now - os.stat(path).st_mtime > max_age_s
+                )
+            if gone:
                 os.unlink(path)
                 removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _blob_expiry(path: str, name: str) -> float | None:
+    """The ``expires_at`` of the blob in file ``name``, from its header; None when the header is
+    not (yet) this blob's: a recycled file carries its last blob's header until the new one is
+    written (after the tensor bytes), so a header naming another location is not believed."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(MAGIC) + 4)
+            if len(head) < len(MAGIC) + 4 or not head.startswith(MAGIC):
+                return None
+            (length,) = struct.unpack("<I", head[len(MAGIC) :])
+            if length > _MAX_HEADER_BYTES:
+                return None
+            meta = json.loads(fh.read(length))
+        if not isinstance(meta, dict) or meta.get("location") != name:
+            return None
+        expires_at = meta.get("expires_at")
+        if isinstance(expires_at, bool) or not isinstance(expires_at, (int, float)):
+            return None
+        return float(expires_at)
+    except (OSError, ValueError):  # (gone meanwhile, or not JSON: the age rule decides)
+        return None
+
+
+def remove_blobs(names: Iterable[str]) -> int:
+    """Remove the blob files ``names`` (file names in ``/dev/shm``, as KV references and the
+    bytes-held index give them), for a caller who knows nobody will take them: the Redis that
+    held their references is gone. Anything that is not a file name of this store is left alone.
+    Returns how many files went."""
+    removed = 0
+    for name in names:
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed += 1
         except FileNotFoundError:
             pass
     return removed
