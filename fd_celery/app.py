@@ -21,7 +21,7 @@ from fd_celery.keys import ROLES
 from fd_celery.scheduler.routing import route_task
 from fd_celery.settings import DEFAULT_DEVICE, DEFAULT_MODEL, get_config, has_config, set_config
 from fd_celery.worker import tasks  # noqa: F401 - shared tasks: importing registers them on every app
-from fd_celery.worker.bootstep import FDWorkerStep
+from fd_celery.worker.bootstep import FDIntakeStep, FDWorkerStep
 
 __all__ = ["install"]
 
@@ -56,6 +56,8 @@ def install(app: Celery, config: SchedulerConfig | None = None, **overrides: Any
     _register_cli(app)
     if FDWorkerStep not in app.steps["worker"]:
         app.steps["worker"].add(FDWorkerStep)
+    if FDIntakeStep not in app.steps["consumer"]:
+        app.steps["consumer"].add(FDIntakeStep)
     return config
 
 

@@ -151,6 +151,33 @@ class NodeKnobs:
         env="FD_TORCH_THREADS",
         unit="threads",
     )
+    max_num_seqs: int = _param(
+        32,
+        _integer(1, 4096),
+        "most requests one engine runs at once (decoding or being prefilled); a node takes a "
+        "request off Redis only when its engine has room",
+        env="FD_MAX_NUM_SEQS",
+        unit="sequences",
+    )
+    block_size: int = _param(
+        16, _integer(1, 4096), "tokens per KV-cache block", env="FD_BLOCK_SIZE", unit="tokens"
+    )
+    kv_cache_bytes: int = _param(
+        256 << 20,
+        _integer(1, 1 << 50),
+        "the engine's KV-cache pool (on its device), allocated once; a request reserves the "
+        "blocks of its prompt plus max_tokens when it starts",
+        env="FD_KV_CACHE_BYTES",
+        unit="bytes",
+    )
+    max_num_batched_tokens: int = _param(
+        2048,
+        _integer(1, 1 << 24),
+        "most tokens one engine step runs (one per decoding request plus new prompts); a longer "
+        "prompt runs alone in its step",
+        env="FD_MAX_NUM_BATCHED_TOKENS",
+        unit="tokens",
+    )
     visibility_timeout_s: float | None = _param(
         None,
         _seconds_or_unset,

@@ -230,6 +230,10 @@ class BatchEngine(abc.ABC):
                 outputs.append(StepOutput(seq.seq_id, token, False))
         return outputs
 
+    def holds_kv(self, seq_id: str) -> bool:
+        """Whether a finished ``keep_kv`` sequence's KV waits for :meth:`export_kv`."""
+        return seq_id in self._kept
+
     def export_kv(self, seq_id: str) -> KVCache:
         """The KV of a finished ``keep_kv`` sequence (prompt only), as contiguous per-layer
         tensors; its blocks are free afterwards."""

@@ -24,7 +24,7 @@ from fd_celery.scheduler.stealing import Thief
 from fd_celery.settings import NodeSettings, get_config, get_node_settings, node_knobs, set_node_settings
 from fd_celery.worker.redaction import install_log_redaction
 
-__all__ = ["FDWorkerStep"]
+__all__ = ["FDWorkerStep", "FDIntakeStep"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ class FDWorkerStep(bootsteps.StartStopStep):
         app = worker.app
         config = get_config(app)
         settings = get_node_settings(app)
+        if _engine_in_main_process(worker):  # the model loads before the node joins the registry
+            from fd_celery.worker.runner import runner_for
+
+            runner_for(app)
         client = redis_for(config)
         self.facts = self._facts(worker)
         registry.register(client, config, self.node, self.facts)
@@ -153,6 +157,7 @@ class FDWorkerStep(bootsteps.StartStopStep):
                 "steals_suffered": suffered,
                 "kv_stores": kv.stores_offered(settings.device),
                 "queues": self.queues,
+                "engine": _engine_stats(),
             }
         }
 
@@ -224,6 +229,58 @@ def _held_tags() -> list[str] | None:
         return None
     tags = (getattr(getattr(r, "message", None), "delivery_tag", None) for r in requests)
     return sorted(t for t in tags if isinstance(t, str))
+
+
+def _engine_in_main_process(worker: Any) -> bool:
+    """A thread pool (or solo) runs its tasks, and so its engine, in the worker process itself."""
+    pool = getattr(worker, "pool_cls", None)
+    name = f"{getattr(pool, '__module__', '')}.{getattr(pool, '__name__', '')}".lower()
+    return "thread" in name or "solo" in name
+
+
+class FDIntakeStep(bootsteps.StartStopStep):
+    """A node takes a request off Redis only when its engine has room for it.
+
+    Celery already consumes only while it holds fewer requests than its pool has slots
+    (``worker_disable_prefetch``); where the engine runs in the worker process (a thread pool)
+    this step adds the engine's own answer: a free sequence slot and a free KV block, with
+    nobody waiting inside the engine. Until then waiting requests stay in Redis, where other
+    nodes may steal them."""
+
+    label = "fd_celery intake"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        from types import MethodType
+
+        from fd_celery.worker.runner import loaded_runner
+
+        consumer = getattr(c, "task_consumer", None)
+        qos = getattr(getattr(consumer, "channel", None), "qos", None)
+        if qos is None or not hasattr(qos, "can_consume") or getattr(qos, "_fd_intake", False):
+            return
+        before = qos.can_consume
+
+        def can_consume(self: Any) -> bool:
+            runner = loaded_runner()
+            if runner is None:
+                return bool(before())
+            held = _requests_held()  # taken off Redis, whether or not they reached the engine yet
+            return held < runner.capacity().max_num_seqs and runner.has_room(held) and bool(before())
+
+        qos.can_consume = MethodType(can_consume, qos)
+        qos._fd_intake = True
+
+
+def _engine_stats() -> dict[str, Any] | None:
+    """The engine of this process, when it runs here (a thread or solo pool; a prefork node's
+    engines live in its children): KV blocks total/free, running and waiting sequences, steps."""
+    from fd_celery.worker.runner import loaded_runner
+
+    runner = loaded_runner()
+    if runner is None:
+        return None
+    return {**runner.capacity().to_dict(), "steps": runner.steps, "widest_step": runner.widest_step}
 
 
 def _requests_held() -> int:

@@ -295,16 +295,21 @@ def stream_tokens(
     run); stop at end-of-sequence. The first chunk goes out at once when more will follow (a
     one-token request's chunk goes with its end instead)."""
     finish_reason, first_at, last_at, produced = "length", 0.0, 0.0, 0
-    for token in tokens:
-        last_at = time.time()
-        first_at = first_at or last_at
-        if token == engine.eos_token_id:
-            finish_reason = "stop"
-            break
-        out.chunk(streamer.push(token), (token,), write=out.seq >= skip)
-        produced += 1
-        if produced == 1 and more_after_first:
-            out.flush()
+    try:
+        for token in tokens:
+            last_at = time.time()
+            first_at = first_at or last_at
+            if token == engine.eos_token_id:
+                finish_reason = "stop"
+                break
+            out.chunk(streamer.push(token), (token,), write=out.seq >= skip)
+            produced += 1
+            if produced == 1 and more_after_first:
+                out.flush()
+    finally:
+        # a run that stops early (an error, a revoke) gives the sequence's KV blocks back now
+        if getattr(tokens, "finish_reason", "") is None:
+            tokens.abort()
     tail = streamer.flush()
     if tail:
         out.chunk(tail, (), write=out.seq >= skip)
