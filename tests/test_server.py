@@ -462,3 +462,45 @@ def test_a_client_that_leaves_gets_its_waiting_request_revoked(redis_server, slo
         # never ran (it would have an output stream)
         after_id = after.id.removeprefix("cmpl-")
         assert streams() - before == {keys.output_stream(slow_topic, after_id)}
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_bad_setting_stops_serve_with_its_name(redis_server):
+    command = [sys.executable, "-c", "from fd_celery.server.cli import serve; serve()"]
+    out = subprocess.run(
+        [*command, "--scheduler-ttl", "soon", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FD_SCHEDULER_PORT": str(redis_server.port)},
+    )
+    assert out.returncode != 0 and "scheduler_ttl" in out.stderr and "soon" in out.stderr
+
+
+def test_redis_lost_mid_stream_ends_the_stream_with_an_error_event():
+    """Headers and tokens are out when Redis goes away: the stream ends with an error event and
+    [DONE] (the openai client raises), it does not hang."""
+    redis_server = RedisServer().start()
+    topic = run_topic("srv-lost")
+    model = f"bench-sleep:{SLOW_MS_PER_TOKEN}"
+    try:
+        with LocalCluster(redis_server, env={"FD_SCHEDULER_TOPIC": topic, "FD_MODEL": model}) as cluster:
+            worker = cluster.add_worker("srvlost")
+            cluster.wait_live([worker.node], topic=topic)
+            with serving(redis_server, topic) as server:
+                stream = server.openai(timeout=60).completions.create(
+                    model=model, prompt="a long one", max_tokens=1000, stream=True
+                )
+                texts = []
+                started = time.monotonic()
+                with pytest.raises(openai.APIError, match="unreachable") as info:
+                    for event in stream:
+                        texts.append(event.choices[0].text)
+                        if len(texts) == 3:
+                            redis_server.stop()
+                assert len(texts) >= 3 and time.monotonic() - started < 30
+                assert info.value.body is not None and info.value.body["code"] == "broker_unavailable"
+    finally:
+        redis_server.stop()

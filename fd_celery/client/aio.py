@@ -51,6 +51,7 @@ __all__ = ["AsyncClient", "AsyncRequestHandle", "SUBMIT_THREADS"]
 SUBMIT_THREADS = 8  # threads that publish requests (each publish blocks for a millisecond or two)
 WAKE_KEY_TTL_S = 3600  # a client's wake-up streams vanish this long after its last use
 READ_RETRY_S = 0.2  # after a failed read, the reader waits this long before the next
+CLOSE_TIMEOUT_S = 5.0  # aclose() waits this long for its reader tasks to end
 MAX_CONNECTIONS = 32  # Redis connections of one client's asyncio side (blocking reads included)
 
 
@@ -308,7 +309,7 @@ class _ReaderSlot:
 
     async def _run(self) -> None:
         client, count = self.readers.client, self.readers.batch_size
-        while True:
+        while not self.readers.stopped:
             await self.has_subs.wait()
             streams: dict[Any, Any] = {key: f"0-{after + 1}" for key, (after, _) in self.subs.items()}
             if not streams:
@@ -319,6 +320,8 @@ class _ReaderSlot:
             try:
                 reply: Any = await client.xread(streams, count=count, block=BLOCK_MS)
             except redis.RedisError as exc:
+                if self.readers.stopped:  # (redis-py may turn our cancellation into an error)
+                    return
                 for _, q in self.subs.values():
                     q.put_nowait(exc)
                 await asyncio.sleep(READ_RETRY_S)
@@ -362,6 +365,7 @@ class _AsyncReaders:
     def __init__(self, client: aioredis.Redis, parallel: int, batch_size: int, topic: str) -> None:
         self.client, self.batch_size = client, batch_size
         self.wake_prefix = keys.wake_prefix(topic, f"{os.getpid()}-aio-{uuid.uuid4().hex[:12]}")
+        self.stopped = False
         self._slots = [_ReaderSlot(self, i) for i in range(parallel)]
 
     def _slot(self, key: str) -> _ReaderSlot:
@@ -381,6 +385,9 @@ class _AsyncReaders:
         return sum(len(slot.subs) for slot in self._slots)
 
     async def close(self) -> None:
+        """Stop every reader task; what they followed gets nothing more."""
+        self.stopped = True
         for slot in self._slots:
+            slot.has_subs.set()
             slot.task.cancel()
-        await asyncio.gather(*(slot.task for slot in self._slots), return_exceptions=True)
+        await asyncio.wait([slot.task for slot in self._slots], timeout=CLOSE_TIMEOUT_S)

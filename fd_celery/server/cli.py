@@ -24,7 +24,6 @@ from celery import Celery
 from fd_celery.app import install
 from fd_celery.config import SchedulerConfig
 from fd_celery.errors import ConfigError
-from fd_celery.server.app import create_app
 from fd_celery.server.settings import DEFAULT_CHAT_MAX_TOKENS, DEFAULT_MAX_BODY_BYTES, ServerSettings
 from fd_celery.settings import has_config
 
@@ -52,7 +51,18 @@ def celery_app_from_env() -> Celery:
 
 def app_from_env() -> Any:
     """The ASGI app, configured from the environment (``uvicorn --factory`` calls this)."""
+    _require_server_extra()
+    from fd_celery.server.app import create_app
+
     return create_app(celery_app_from_env(), ServerSettings.from_env())
+
+
+def _require_server_extra() -> None:
+    import importlib.util
+
+    missing = [name for name in ("starlette", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"the server needs {' and '.join(missing)}: pip install 'fd_celery[server]'")
 
 
 def _scheduler_options(func: Any) -> Any:
@@ -109,6 +119,10 @@ def serve(
     **scheduler: Any,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)."""
+    try:
+        _require_server_extra()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     import uvicorn
 
     env = {f"FD_{k.upper()}": str(v) for k, v in scheduler.items() if v is not None}
