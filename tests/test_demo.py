@@ -7,6 +7,7 @@ about as long as the slowest one.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -186,8 +187,14 @@ def _check_completed(demo: Demo, expected_workers: int) -> str:
         out
     )
     assert "who served what" in out and "per node" in out and "TTFT p50" in out, out
-    _assert_png(demo.cwd / "fd-demo-timeline.png")
-    assert f"timeline: {demo.cwd / 'fd-demo-timeline.png'}" in out
+    folder = demo.cwd / "fd-demo-output"  # named at the start, written under it, nothing beside it
+    assert f"fd_celery demo: output folder {folder}\n" in out, out
+    png, results = folder / f"timeline-{demo.name}.png", folder / f"requests-{demo.name}.json"
+    _assert_png(png)
+    assert f"timeline: {png}" in out and f"results: {results}" in out
+    saved = json.loads(results.read_text())
+    assert len(saved) == requests and all(r["result"]["text"] for r in saved)
+    assert sorted(p.name for p in demo.cwd.iterdir()) == ["fd-demo-output"]
     _assert_nothing_left(out, expected_workers)
     assert "worker logs kept" not in out
     return out
@@ -195,7 +202,7 @@ def _check_completed(demo: Demo, expected_workers: int) -> str:
 
 def _request_rows(out: str) -> list[str]:
     block = out.split("who served what", 1)[1].split("per node", 1)[0]
-    return [line for line in block.splitlines()[2:] if line.strip()]
+    return [line for line in block.splitlines()[2:] if re.match(r"\s+\d+\s", line)]  # (not notes)
 
 
 # --------------------------------------------------------------------------- tests
@@ -231,6 +238,7 @@ def test_splitwise_demo_shows_prefill_then_decode(demos):
     assert len(rows) == 6, out
     assert all(re.match(r"\s+\d+\s+prefill1 > decode[12]\s", row) for row in rows), out
     assert "6 KV caches handed from prefill to decode" in out, out
+    assert "hand-off ms" in out and "hand-off p50" in out, out  # apart from the decode node's TPOT
     # (only this demo hands KV caches over shared memory; its workers take their files with them)
     topic = demos["splitwise"].topic
     assert topic and topic.startswith("demo-"), f"the splitwise demo's topic was not found: {topic!r}"
@@ -261,4 +269,4 @@ def test_ctrl_c_stops_every_process(demos, tmp_path):
     assert demo.proc.returncode == 130, out[-3000:]
     assert "interrupted" in out and "stopped every worker and the private Redis" in out
     _assert_nothing_left(out, expected_workers=2)
-    assert not (tmp_path / "fd-demo-timeline.png").exists()
+    assert not (tmp_path / "fd-demo-output").exists() or not any((tmp_path / "fd-demo-output").iterdir())

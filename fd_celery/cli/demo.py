@@ -10,13 +10,17 @@ through :class:`fd_celery.Client`. Per scheduler:
 - ``splitwise``: one prefill node per three nodes, the rest decode (1 + 2 by default).
 
 Then it prints who served what (prefill > decode for splitwise), steals, TTFT/TPOT per node,
-and draws a timeline PNG: one row per node, one bar per request from its start to its end.
-Every process it started is stopped on the way out, also on Ctrl-C or SIGTERM.
+and writes into its output folder (``fd-demo-output/`` unless ``--out`` names another) a
+timeline PNG, one row per node and one bar per request from its start to its end, and the
+requests' results as JSON. For splitwise, TPOT is the decode node's own (from its start to the last
+token) and the hand-off wait (first token to decode start: KV transfer and a free decode slot) is
+its own column. Every process it started is stopped on the way out, also on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -40,7 +44,8 @@ PROMPTS = [
     "A node became idle and",
 ]
 DEFAULT_WORKERS = {"local": 2, "global": 4, "splitwise": 3}
-DEFAULT_OUT = "fd-demo-timeline.png"
+DEFAULT_OUT_DIR = "fd-demo-output"  # (in .gitignore)
+TEXT_WIDTH = 32  # characters of each request's text in the table; a cut is marked
 GLOBAL_SKEW = 0.75  # share of the global burst sent to the first node
 REQUEST_TIMEOUT_S = 300.0
 MAX_ROWS = 30  # per-request lines printed; the rest are summarised
@@ -80,13 +85,14 @@ def run_demo(
     num_requests: int,
     num_workers: int | None = None,
     max_tokens: int = 48,
-    out: str | None = None,
+    out_dir: str | None = None,
 ) -> int:
-    """Run the demo; returns the exit status (0: every request completed)."""
+    """Run the demo; returns the exit status (0: every request completed). What it writes goes
+    under ``out_dir`` (``fd-demo-output``)."""
     from fd_celery.errors import FDCeleryError
     from fd_celery.local_cluster import RedisServer
 
-    out_path = os.path.abspath(out or DEFAULT_OUT)
+    out_path = os.path.abspath(out_dir or DEFAULT_OUT_DIR)
     in_main_thread = threading.current_thread() is threading.main_thread()
     handlers = {}
     if in_main_thread:  # SIGTERM unwinds through the finally below, like Ctrl-C
@@ -146,7 +152,8 @@ def _run(
 ) -> int:
     from fd_celery.local_cluster import LocalCluster
 
-    click.echo("fd_celery demo: starting a private Redis ...")
+    click.echo(f"fd_celery demo: output folder {out_path}")
+    click.echo("starting a private Redis ...")
     try:
         redis_server.start()
     except RuntimeError as exc:
@@ -180,11 +187,32 @@ def _run(
     click.echo("")
     _report(records, scheduler, plan, nodes)
     try:
-        _timeline(records, scheduler, plan, nodes, out_path)
+        os.makedirs(out_path, exist_ok=True)
+        _write_results(records, os.path.join(out_path, f"requests-{scheduler}.json"))
+        _timeline(records, scheduler, plan, nodes, os.path.join(out_path, f"timeline-{scheduler}.png"))
     except OSError as exc:
-        click.echo(f"fd-celery demo: could not write the timeline to {out_path}: {exc}", err=True)
+        click.echo(f"fd-celery demo: could not write into the output folder {out_path}: {exc}", err=True)
         return 1
     return 0 if all(r.error is None for r in records) else 1
+
+
+def _write_results(records: Sequence[Record], path: str) -> None:
+    """Every request of the burst as JSON: when it was sent, its result or its error."""
+    rows = [
+        {
+            "index": r.index,
+            "request_id": r.request_id,
+            "submitted": r.submitted,
+            "max_tokens": r.max_tokens,
+            "node": r.pinned,
+            "result": r.result,
+            "error": r.error,
+        }
+        for r in records
+    ]
+    with open(path, "w") as fh:
+        json.dump(rows, fh, indent=1)
+    click.echo(f"results: {path}")
 
 
 def _terminated(*_: Any) -> None:
@@ -251,9 +279,37 @@ class Record:
 
     @property
     def stolen_from(self) -> str | None:
-        if not self.result or not self.result.get("stolen"):
+        """The live node this request was stolen from, if any (a rescue is not a steal)."""
+        if not self.result or not self.result.get("stolen") or self.rescued_from:
             return None
         return str((self.result.get("extra") or {}).get("stolen_from") or "?")
+
+    @property
+    def rescued_from(self) -> str | None:
+        """The dead node this request was taken from (a rescue, not a steal), if any."""
+        rescued = ((self.result or {}).get("extra") or {}).get("rescued_from")
+        return str(rescued) if rescued else None
+
+    @property
+    def handoff_s(self) -> float | None:
+        """Splitwise: first token (prefill end) to decode start, the KV hand-off and the wait for
+        a decode slot; None when the request was not split."""
+        if not self.result or len(self.result["served_by"]) < 2:
+            return None
+        handoff = (self.result.get("extra") or {}).get("handoff_s")
+        return float(handoff) if isinstance(handoff, (int, float)) else None
+
+    @property
+    def tpot_s(self) -> float:
+        """Time per output token after the first, on the node that produced them: for a split
+        request the decode node's own, without the hand-off wait (the result's ``tpot_s``
+        counts from the first token, so it includes that wait)."""
+        assert self.result is not None
+        tpot = float(self.result["tpot_s"])
+        handoff, gaps = self.handoff_s, len(self.result["token_ids"]) - 1
+        if handoff is None or gaps < 1:
+            return tpot
+        return max(0.0, tpot * gaps - handoff) / gaps
 
 
 @dataclass
@@ -390,54 +446,79 @@ def _p(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+NAN = float("nan")
+
+
 def _ms(value: float) -> str:
     return "-" if value != value else f"{value * 1000:.1f}"
+
+
+def readable(text: str, width: int) -> str:
+    """``text`` for one cell of a table: control characters (a newline, a tab) as one space
+    each, at most ``width`` characters, and ``...`` at the end when it was cut."""
+    flat = "".join(" " if not ch.isprintable() else ch for ch in text)
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
 def _report(
     records: Sequence[Record], scheduler: str, plan: Sequence[NodePlan], nodes: Sequence[str]
 ) -> None:
     ok = [r for r in records if r.error is None and r.result is not None]
+    split = scheduler == "splitwise"
+    handoff_head = f" {'hand-off ms':>11}" if split else ""
     click.echo("who served what")
     click.echo(
-        f"{'#':>4}  {'served by':28} {'tokens':>6} {'queue ms':>9} {'TTFT ms':>8} {'TPOT ms':>8}  text"
+        f"{'#':>4}  {'served by':28} {'tokens':>6} {'queue ms':>9} {'TTFT ms':>8}{handoff_head} "
+        f"{'TPOT ms':>8}  text"
     )
     for r in records[:MAX_ROWS]:
         if r.result is None:
-            click.echo(f"{r.index:>4}  {'-':28} {'-':>6} {'-':>9} {'-':>8} {'-':>8}  {r.error}")
+            dashes = f" {'-':>11}" if split else ""
+            click.echo(f"{r.index:>4}  {'-':28} {'-':>6} {'-':>9} {'-':>8}{dashes} {'-':>8}  {r.error}")
             continue
         res = r.result
         who = " > ".join(_short(n) for n in res["served_by"])
-        if r.stolen_from:
+        if r.rescued_from:
+            who += f" (rescued from {_short(r.rescued_from)})"
+        elif r.stolen_from:
             who += f" (stolen from {_short(r.stolen_from)})"
-        text = res["text"].replace("\n", " ")[:20]
+        handoff = f" {_ms(r.handoff_s if r.handoff_s is not None else NAN):>11}" if split else ""
         click.echo(
             f"{r.index:>4}  {who:28} {len(res['token_ids']):>6} {_ms(res.get('queue_s', 0.0)):>9} "
-            f"{_ms(res['ttft_s']):>8} {_ms(res['tpot_s']):>8}  {text!r}"
+            f"{_ms(res['ttft_s']):>8}{handoff} {_ms(r.tpot_s):>8}  {readable(res['text'], TEXT_WIDTH)}"
         )
     if len(records) > MAX_ROWS:
         click.echo(f"  ... and {len(records) - MAX_ROWS} more")
+    if split:
+        click.echo(
+            "  (TPOT: the decode node's own; hand-off: first token to decode start, the KV "
+            "transfer and the wait for a decode slot)"
+        )
 
     click.echo("")
     click.echo("per node")
     role_of = {n: p.role for n, p in zip(nodes, plan)}
+    handoff_head = f" {'hand-off p50':>12}" if split else ""
     heads = (
-        f"{'node':10} {'role':8} {'served':>6} {'stole':>6} {'stolen from':>11} {'tokens':>7} "
-        f"{'TTFT p50':>9} {'TTFT p95':>9} {'TPOT p50':>9}"
+        f"{'node':10} {'role':8} {'served':>6} {'stole':>6} {'stolen from':>11} {'rescued':>7} "
+        f"{'tokens':>7} {'TTFT p50':>9} {'TTFT p95':>9}{handoff_head} {'TPOT p50':>9}"
     )
     click.echo(heads + "   (ms)")
     for node in nodes:
-        first = [r.result for r in ok if r.result is not None and r.served_by[0] == node]
-        last = [r.result for r in ok if r.result is not None and r.served_by[-1] == node]
+        first = [r for r in ok if r.served_by[0] == node]
+        last = [r for r in ok if r.served_by[-1] == node]
         served = sum(1 for r in ok if node in r.served_by)
         stole = sum(1 for r in ok if r.stolen_from is not None and r.served_by[0] == node)
         suffered = sum(1 for r in ok if r.stolen_from == node)
-        tokens = sum(len(res["token_ids"]) for res in last)
-        ttft = [res["ttft_s"] for res in first]
-        tpot = [res["tpot_s"] for res in last if len(res["token_ids"]) > 1]
+        rescues = sum(1 for r in ok if r.rescued_from is not None and r.served_by[0] == node)
+        tokens = sum(len(r.result["token_ids"]) for r in last if r.result is not None)
+        ttft = [r.result["ttft_s"] for r in first if r.result is not None]
+        tpot = [r.tpot_s for r in last if r.result is not None and len(r.result["token_ids"]) > 1]
+        handoffs = [r.handoff_s for r in last if r.handoff_s is not None]
+        handoff = f" {_ms(_p(handoffs, 0.5)):>12}" if split else ""
         click.echo(
-            f"{_short(node):10} {role_of[node]:8} {served:>6} {stole:>6} {suffered:>11} {tokens:>7} "
-            f"{_ms(_p(ttft, 0.5)):>9} {_ms(_p(ttft, 0.95)):>9} {_ms(_p(tpot, 0.5)):>9}"
+            f"{_short(node):10} {role_of[node]:8} {served:>6} {stole:>6} {suffered:>11} {rescues:>7} "
+            f"{tokens:>7} {_ms(_p(ttft, 0.5)):>9} {_ms(_p(ttft, 0.95)):>9}{handoff} {_ms(_p(tpot, 0.5)):>9}"
         )
 
     click.echo("")
@@ -445,10 +526,17 @@ def _report(
     spans = _spans(records, scheduler, plan, nodes)
     makespan = max((s.end for s in spans), default=0.0)
     stolen = Counter(r.stolen_from for r in ok if r.stolen_from)
+    rescued = Counter(r.rescued_from for r in ok if r.rescued_from)
     summary = f"{len(ok)} of {len(records)} requests completed, {failed} failed, in {makespan:.2f}s"
     if scheduler == "global":
         summary += f"; {sum(stolen.values())} stolen" + (
             " (" + ", ".join(f"from {_short(n)}: {c}" for n, c in stolen.items()) + ")" if stolen else ""
+        )
+    if rescued:
+        summary += (
+            f"; {sum(rescued.values())} rescued from dead nodes ("
+            + ", ".join(f"{_short(n)}: {c}" for n, c in rescued.items())
+            + ")"
         )
     if scheduler == "splitwise":
         summary += f"; {sum(1 for r in ok if len(r.served_by) > 1)} KV caches handed from prefill to decode"
@@ -470,7 +558,7 @@ class Span:
     node: str
     start: float
     end: float
-    kind: str  # "mixed", "stolen", "prefill", "decode"
+    kind: str  # "mixed", "stolen", "rescued", "prefill", "decode"
 
 
 def _spans(
@@ -492,7 +580,8 @@ def _spans(
         end = first + float(res["tpot_s"]) * max(0, n - 1)
         served = list(res["served_by"])
         if len(served) == 1:
-            kind = "stolen" if res.get("stolen") else ("prefill" if scheduler == "splitwise" else "mixed")
+            kind = "rescued" if r.rescued_from else "stolen" if r.stolen_from else "mixed"
+            kind = "prefill" if scheduler == "splitwise" and kind == "mixed" else kind
             spans.append(Span(r.index, served[0], start, max(end, first), kind))
             continue
         spans.append(Span(r.index, served[0], start, first, "prefill"))
@@ -512,7 +601,13 @@ def _spans(
     return spans
 
 
-COLOURS = {"mixed": "#4C72B0", "stolen": "#DD8452", "prefill": "#55A868", "decode": "#8172B3"}
+COLOURS = {
+    "mixed": "#4C72B0",
+    "stolen": "#DD8452",
+    "rescued": "#C44E52",
+    "prefill": "#55A868",
+    "decode": "#8172B3",
+}
 
 
 def _timeline(
@@ -586,6 +681,8 @@ def _timeline(
     else:
         stolen = Counter(r.stolen_from for r in records if r.stolen_from)
         legend = [Patch(facecolor=COLOURS["mixed"], label="served where it was placed")]
+        if any(r.rescued_from for r in records):
+            legend.append(Patch(facecolor=COLOURS["rescued"], label="rescued from a dead node"))
         if scheduler == "global":
             title += f", {sum(stolen.values())} stolen"
             victims = ", ".join(_short(n) for n in stolen) or "a busy node"

@@ -46,16 +46,24 @@ def main() -> None:
 )
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False),
-    default="fd-demo-timeline.png",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="fd-demo-output",
     show_default=True,
-    help="Where the timeline PNG goes.",
+    callback=lambda ctx, param, value: _folder(value),
+    help="Output folder (made if missing): the timeline PNG and the requests' results as JSON.",
 )
-def demo(scheduler: str, num_requests: int, num_workers: int | None, max_tokens: int, out: str) -> None:
+def demo(scheduler: str, num_requests: int, num_workers: int | None, max_tokens: int, out_dir: str) -> None:
     """Start a private Redis and real workers, send a burst of requests, show who served what."""
     from fd_celery.cli.demo import run_demo
 
-    raise SystemExit(run_demo(scheduler, num_requests, num_workers, max_tokens, out))
+    raise SystemExit(run_demo(scheduler, num_requests, num_workers, max_tokens, out_dir))
+
+
+def _folder(value: str) -> str:
+    if value.lower().endswith((".png", ".json")):
+        raise click.BadParameter(f"{value!r} looks like a file: --out names the output folder")
+    return value
 
 
 @main.group()
