@@ -192,3 +192,31 @@ def test_pool_is_on_the_engine_device_in_float32(tiny):
     engine = batch_engine_for(tiny, BatchConfig(kv_cache_bytes=1 << 20))
     assert isinstance(engine, PagedBatchEngine)
     assert engine.pool.keys[0].dtype == torch.float32 and engine.pool.keys[0].device.type == "cpu"
+
+
+def test_block_ranges_hand_out_consecutive_blocks_and_merge_them_back():
+    from fd_celery.engine.batch import BlockRanges
+
+    rnd = random.Random(9)
+    ranges = BlockRanges(64)
+    held: dict[int, int] = {}
+    free = set(range(64))
+    for _ in range(2000):
+        if held and (rnd.random() < 0.5 or not free):
+            start = rnd.choice(sorted(held))
+            count = held.pop(start)
+            ranges.give(start, count)
+            free.update(range(start, start + count))
+        else:
+            count = rnd.randint(1, 12)
+            start = ranges.take(count)
+            if start is None:  # only when no run of `count` free blocks exists
+                assert not any(all(b in free for b in range(s, s + count)) for s in range(65 - count))
+                continue
+            assert all(b in free for b in range(start, start + count))
+            free.difference_update(range(start, start + count))
+            held[start] = count
+        assert ranges.free == len(free)
+    for start, count in held.items():
+        ranges.give(start, count)
+    assert ranges.take(64) == 0, "returned blocks did not merge back into one range"

@@ -18,6 +18,7 @@ the engine's reference path (:meth:`Engine.generate`) run alone.
 from __future__ import annotations
 
 import abc
+import bisect
 import collections
 import itertools
 import math
@@ -432,18 +433,14 @@ class KVPool:
         self.keys[layer][:, blocks, offsets] = k
         self.values[layer][:, blocks, offsets] = v
 
-    def table_index(self, table: Sequence[int], num_tokens: int) -> torch.Tensor:
-        """The blocks that hold a sequence's first ``num_tokens`` tokens, as an index tensor."""
-        used = table[: math.ceil(num_tokens / self.block_size)]
-        return torch.tensor(list(used), dtype=torch.long, device=self.device)
-
-    def read(self, layer: int, index: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sequence's first ``num_tokens`` keys and values (its blocks: ``index``), contiguous
-        ``[kv_heads, n, head_dim]``: the layout of :class:`KVCache` and of the reference path."""
+    def view(self, layer: int, first_block: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence's first ``num_tokens`` keys and values, ``[kv_heads, n, head_dim]``, as
+        views of the pool (no copy): a sequence's blocks are consecutive, from ``first_block``."""
+        end = first_block + math.ceil(num_tokens / self.block_size)
         out = []
         for pool in (self.keys[layer], self.values[layer]):
-            picked = pool.index_select(1, index)
-            out.append(picked.reshape(picked.shape[0], -1, picked.shape[3])[:, :num_tokens].contiguous())
+            blocks = pool[:, first_block:end]
+            out.append(blocks.reshape(blocks.shape[0], -1, blocks.shape[3])[:, :num_tokens])
         return out[0], out[1]
 
     def store(self, table: Sequence[int], cache: KVCache) -> None:
@@ -454,9 +451,44 @@ class KVPool:
             self.write(layer, slots, k.to(self.device), v.to(self.device))
 
     def load(self, table: Sequence[int], num_tokens: int) -> KVCache:
-        index = self.table_index(table, num_tokens)
-        pairs = [self.read(layer, index, num_tokens) for layer in range(len(self.keys))]
-        return KVCache(keys=[k for k, _ in pairs], values=[v for _, v in pairs])
+        """A copy of a sequence's cache, contiguous per layer (what a KV hand-off carries)."""
+        pairs = [self.view(layer, table[0], num_tokens) for layer in range(len(self.keys))]
+        return KVCache(keys=[k.contiguous() for k, _ in pairs], values=[v.contiguous() for _, v in pairs])
+
+
+class BlockRanges:
+    """Free KV blocks as ranges: a sequence gets consecutive blocks (its keys and values are then
+    plain views of the pool, attention reads them without a copy), first fit, merged on return."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self._free: list[tuple[int, int]] = [(0, num_blocks)]  # (start, length), by start
+        self.free = num_blocks
+
+    @property
+    def largest(self) -> int:
+        return max((n for _, n in self._free), default=0)
+
+    def take(self, count: int) -> int | None:
+        """The first block of ``count`` consecutive free ones (now taken), or None."""
+        for i, (start, n) in enumerate(self._free):
+            if n >= count:
+                self._free[i : i + 1] = [(start + count, n - count)] if n > count else []
+                self.free -= count
+                return start
+        return None
+
+    def give(self, start: int, count: int) -> None:
+        self.free += count
+        ranges = self._free
+        i = bisect.bisect(ranges, (start, 0))
+        if i > 0 and ranges[i - 1][0] + ranges[i - 1][1] == start:  # joins the range before
+            i -= 1
+            start, count = ranges[i][0], ranges[i][1] + count
+            del ranges[i]
+        if i < len(ranges) and start + count == ranges[i][0]:  # and the one after
+            count += ranges[i][1]
+            del ranges[i]
+        ranges.insert(i, (start, count))
 
 
 class PagedModel(Protocol):
@@ -485,24 +517,29 @@ class PagedBatchEngine(BatchEngine):
         super().__init__(engine, config)
         self.model: PagedModel = engine  # type: ignore[assignment]
         self.pool = self.model.new_kv_pool(config.kv_cache_bytes, config.block_size)
-        self._free_list = list(range(self.pool.num_blocks - 1, -1, -1))
+        self._blocks = BlockRanges(self.pool.num_blocks)
 
     def _total_blocks(self) -> int:
         return self.pool.num_blocks
 
     def _free_blocks(self) -> int:
-        return len(self._free_list)
+        return self._blocks.free
 
     def _allocate(self, seq: _Seq) -> bool:
-        need = self._blocks_for(seq.kv_tokens_needed())
-        if need > len(self._free_list):
+        first = self._blocks.take(self._blocks_for(seq.kv_tokens_needed()))
+        if first is None:
             return False
-        seq.blocks = [self._free_list.pop() for _ in range(need)]
+        seq.blocks = list(range(first, first + self._blocks_for(seq.kv_tokens_needed())))
         return True
 
     def _free(self, seq: _Seq) -> None:
-        self._free_list.extend(reversed(seq.blocks))
+        if seq.blocks:
+            self._blocks.give(seq.blocks[0], len(seq.blocks))
         seq.blocks = []
+
+    def can_admit(self, num_prompt_tokens: int, max_tokens: int) -> bool:
+        need = self._blocks_for(num_prompt_tokens + max_tokens - 1)
+        return super().can_admit(num_prompt_tokens, max_tokens) and self._blocks.largest >= need
 
     def _check_cache(self, cache: KVCache) -> None:
         self.model.check_cache(cache)

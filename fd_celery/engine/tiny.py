@@ -356,7 +356,7 @@ class TinyLlamaEngine(Engine):
             slots = pool.slots(tables, positions)
             spans, row = [], 0
             for pos, table in zip(positions, tables):
-                spans.append((row, len(pos), pos.stop, pool.table_index(table, pos.stop)))
+                spans.append((row, len(pos), pos.stop, table[0]))
                 row += len(pos)
             x = F.embedding(ids, w.embed)
             for index, layer in enumerate(w.layers):
@@ -379,7 +379,7 @@ class TinyLlamaEngine(Engine):
         index: int,
         pool: KVPool,
         slots: tuple[torch.Tensor, torch.Tensor],
-        spans: list[tuple[int, int, int, torch.Tensor]],
+        spans: list[tuple[int, int, int, int]],
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
@@ -392,8 +392,8 @@ class TinyLlamaEngine(Engine):
         k = _apply_rope(k.view(rows, cfg.n_kv_heads, hd).transpose(0, 1), cos, sin)
         pool.write(index, slots, k, v.view(rows, cfg.n_kv_heads, hd).transpose(0, 1))
         outs = []
-        for row, n, total, blocks in spans:  # (rows of this sequence, tokens it holds, its blocks)
-            keys, values = pool.read(index, blocks, total)
+        for row, n, total, first_block in spans:  # (its rows, the tokens it holds, its blocks)
+            keys, values = pool.view(index, first_block, total)
             outs.append(_attend(q[:, row : row + n].contiguous(), keys, values))
         out = torch.cat(outs, dim=1)
         return _linear(out.transpose(0, 1).reshape(rows, cfg.n_heads * hd), layer.wo)
