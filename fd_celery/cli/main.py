@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from fd_celery.config import SCHEDULER_NAMES
+from fd_celery.server.cli import serve
 
 
 @click.group()
@@ -64,6 +65,9 @@ def _folder(value: str) -> str:
     if value.lower().endswith((".png", ".json")):
         raise click.BadParameter(f"{value!r} looks like a file: --out names the output folder")
     return value
+
+
+main.add_command(serve)  # the OpenAI-compatible server (fd_celery/server/cli.py)
 
 
 @main.group()
