@@ -191,3 +191,65 @@ def pd(repeat: int, num_requests: int, stream_tokens: int, out_dir: str) -> None
     from fd_celery.bench.pd import run_pd
 
     run_pd(repeat, num_requests, stream_tokens, out_dir)
+
+
+def _levels(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        levels = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1:
+        raise click.BadParameter(f"{value!r}: comma-separated integers >= 1, such as 1,8,32,64")
+    return levels
+
+
+@bench.command()
+@click.option("--model", default=None, help="A built-in model.  [default: fd-small]")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N.  [default: cpu]")
+@click.option(
+    "--concurrency",
+    callback=_levels,
+    default=None,
+    help="Requests in flight, one level per value.  [default: 1,8,32,64; --quick: 1,8]",
+)
+@click.option(
+    "--prompt-tokens", type=click.IntRange(1, 4000), default=None, help="Prompt length.  [default: 128]"
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(1, 4000),
+    default=None,
+    help="Output tokens.  [default: 64; --quick: 16]",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1, 100),
+    default=None,
+    help="Requests per level: concurrency x rounds (at least 2).  [default: 1]",
+)
+@click.option(
+    "--old-max-concurrency",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="The old design (prefork -c 2) runs the levels up to this one.  [default: 32; --quick: 8]",
+)
+@click.option("--quick", is_flag=True, help="A short run: concurrency 1 and 8, 16 output tokens.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="bench-results",
+    show_default=True,
+    help="Where the JSON and PNG go.",
+)
+def throughput(quick: bool, out_dir: str, **options: object) -> None:
+    """One node's tokens/s against concurrency: the engine alone, the old design, the batching node."""
+    from fd_celery.bench.throughput import ThroughputSpec, run_throughput
+
+    try:
+        spec = ThroughputSpec.of(quick, **options)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    raise SystemExit(0 if run_throughput(spec, out_dir)["ok"] else 1)
