@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,13 +43,14 @@ FIELDS = {
     "heartbeat_age_s": float,
     "steals_made": int,
     "steals_suffered": int,
+    "rescued": int,
     "kv_bytes": int,
 }
 
 
-def fd_cmd(port: int, topic: str, *args: str) -> subprocess.CompletedProcess[str]:
+def fd_cmd(port: int, topic: str, *args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FD_")}
-    env.update({"FD_SCHEDULER_PORT": str(port), "FD_SCHEDULER_TOPIC": topic})
+    env.update({"FD_SCHEDULER_PORT": str(port), "FD_SCHEDULER_TOPIC": topic, **env_vars})
     return subprocess.run(
         [sys.executable, "-m", "celery", "-A", "workers.mixed", "fd", *args],
         env=env,
@@ -71,7 +73,7 @@ def by_node(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_lists_exactly_the_live_nodes_of_the_session_cluster(redis_server, cluster):
     report = status(redis_server.port, TOPIC)
-    assert report["topic"] == TOPIC
+    assert report["topic"] == TOPIC and report["scheduler"] == "local"
     assert set(by_node(report)) == {w.node for w in cluster.workers if w.alive()}
     for row in report["nodes"]:
         for name, kind in FIELDS.items():
@@ -84,7 +86,9 @@ def test_lists_exactly_the_live_nodes_of_the_session_cluster(redis_server, clust
     table = fd_cmd(redis_server.port, TOPIC, "status")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert f"topic '{TOPIC}'" in lines[0] and "1 live node(s)" in lines[0]
+    assert (
+        lines[0].startswith(f"scheduler local, topic '{TOPIC}' on redis://") and "1 live node(s)" in lines[0]
+    )
     for heading in (
         "node",
         "role",
@@ -95,6 +99,7 @@ def test_lists_exactly_the_live_nodes_of_the_session_cluster(redis_server, clust
         "heartbeat",
         "stole",
         "stolen from",
+        "rescued",
         "KV held",
         "KV stores",
     ):
@@ -129,21 +134,80 @@ def test_a_node_on_paper_shows_its_queue_and_load_then_expires(redis_server):
     r.lpush(own, b"m1", b"m2")
     r.lpush(loadtable.queue_lists(own)[2], b"m3")  # a priority sub-queue counts too
     r.lpush(keys.role_queue(topic, "mixed"), b"shared")
-    loadtable.publish(r, config, "mixed", node, running=1, slots=2, own_queue=own)
-    published = time.monotonic()
 
-    row = by_node(status(redis_server.port, topic))[node]
-    assert (row["queue"], row["running"], row["slots"]) == (3, 1, 2)
-    assert row["load_score"] == pytest.approx((3 + 1) / 2)
-    report = status(redis_server.port, topic)
-    assert report["shared_queues"]["mixed"] == 1
-    table = fd_cmd(redis_server.port, topic, "status").stdout
-    assert "waiting in topic-wide queues: mixed 1" in table
+    def beat() -> None:
+        loadtable.publish(r, config, "mixed", node, running=1, slots=2, own_queue=own)
 
-    while node in by_node(status(redis_server.port, topic)):
-        assert time.monotonic() - published < EXPIRE_S + 2, "a silent node stayed listed"
+    # It beats while it is looked at (each `celery` command takes seconds on a busy machine,
+    # longer than the expire period), then falls silent.
+    stop = threading.Event()
+
+    def beating() -> None:
+        while not stop.wait(0.5):
+            beat()
+
+    beats = threading.Thread(target=beating)
+    beat()
+    beats.start()
+    try:
+        row = by_node(status(redis_server.port, topic))[node]
+        assert (row["queue"], row["running"], row["slots"]) == (3, 1, 2)
+        assert row["load_score"] == pytest.approx((3 + 1) / 2)
+        report = status(redis_server.port, topic)
+        assert report["shared_queues"]["mixed"] == 1
+        table = fd_cmd(redis_server.port, topic, "status").stdout
+        assert "waiting in topic-wide queues: mixed 1" in table
+    finally:
+        stop.set()
+        beats.join()
+    beat()
+    silent_since = time.monotonic()
+    while True:
+        asked = time.monotonic()
+        if node not in by_node(status(redis_server.port, topic)):
+            break
+        assert asked - silent_since < EXPIRE_S + 1, "a silent node stayed listed"
         time.sleep(0.2)
-    assert time.monotonic() - published >= EXPIRE_S - 0.5, "it left before its expire period"
+    assert time.monotonic() - silent_since >= EXPIRE_S - 0.5, "it left before its expire period"
+
+
+def test_status_names_its_scheduler_and_topic_and_counts_rescues_apart(redis_server):
+    """A node on paper that says it runs the global scheduler, with steals and rescues counted:
+    asked from an app configured for splitwise, status names both schedulers, and shows rescues
+    (requests taken from dead nodes) in their own column, not as steals."""
+    topic = run_topic("status-names")
+    config = fd_celery.SchedulerConfig(scheduler_port=redis_server.port, scheduler_topic=topic)
+    r = redis_server.client()
+    node = "ghost@nowhere"
+    facts = {"role": "mixed", "slots": 2, "model": "fd-tiny", "device": "cpu", "scheduler": "global"}
+    registry.register(r, config, node, facts)
+    r.hset(keys.steals_hash(topic), mapping={f"{node}:made": 1, f"{node}:suffered": 3, f"{node}:rescued": 2})
+    asked = {"FD_SCHEDULER_NAME": "splitwise", "FD_SCHEDULER_EXPIRE_PERIOD": "10m"}  # (on paper: no beat)
+
+    table = fd_cmd(redis_server.port, topic, "status", **asked)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith(f"scheduler splitwise, topic '{topic}' on redis://127.0.0.1:"), lines
+    assert lines[1].startswith("note: nodes of this topic run the global scheduler, this app splitwise"), (
+        lines
+    )
+    heads, ghost = lines[2], lines[3]
+    cells = {
+        h: ghost[heads.index(h) - 3 : heads.index(h) + len(h)].split()[-1] for h in ("stolen from", "rescued")
+    }
+    assert cells == {"stolen from": "3", "rescued": "2"}, (heads, ghost)
+
+    proc = fd_cmd(redis_server.port, topic, "status", "--json", **asked)
+    report = json.loads(proc.stdout)
+    assert (report["scheduler"], report["topic"]) == ("splitwise", topic)
+    row = by_node(report)[node]
+    assert (row["steals_made"], row["steals_suffered"], row["rescued"], row["scheduler"]) == (
+        1,
+        3,
+        2,
+        "global",
+    )
+    registry.unregister(r, config, node)
 
 
 @pytest.fixture(scope="module")

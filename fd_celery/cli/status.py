@@ -1,8 +1,10 @@
 """``celery -A APP fd status`` and ``celery -A APP fd metrics``: a topic's nodes, for people and
 for Prometheus.
 
-``fd status`` lists every live node of the topic: role, load score, queue depth, slots, running
-requests, heartbeat age, steals made and suffered, KV bytes held (``--json`` for scripts).
+``fd status`` names the scheduler and the topic it shows, then lists every live node of the
+topic: role, load score, queue depth, slots, running requests, heartbeat age, steals made and
+suffered, requests rescued from dead nodes (taken from a dead node's queue: not a steal), KV bytes
+held (``--json`` for scripts).
 ``fd metrics`` serves the Prometheus exposition at ``/metrics`` (``--once`` prints it and exits);
 see :mod:`fd_celery.observability.metrics`.
 
@@ -66,6 +68,7 @@ COLUMNS = (
     ("heartbeat_age_s", "heartbeat"),
     ("steals_made", "stole"),
     ("steals_suffered", "stolen from"),
+    ("rescued", "rescued"),
     ("kv_bytes", "KV held"),
     ("kv_stores", "KV stores"),
     ("model", "model"),
@@ -84,7 +87,8 @@ def fd(ctx: click.Context, **_: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Every live node of the topic: role, load, queue, slots, running, heartbeat, steals, KV bytes."""
+    """The scheduler and topic, and every live node of the topic: role, load, queue, slots, running,
+    heartbeat, steals, rescues, KV bytes."""
     app = ctx.obj.app
     try:
         config = get_config(app)
@@ -97,7 +101,16 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     rows = report["nodes"]
-    click.echo(f"topic {config.scheduler_topic!r} on {config.redacted_url()}: {len(rows)} live node(s)")
+    click.echo(
+        f"scheduler {report['scheduler']}, topic {config.scheduler_topic!r} on {config.redacted_url()}: "
+        f"{len(rows)} live node(s)"
+    )
+    others = sorted({row["scheduler"] for row in rows if row.get("scheduler")} - {report["scheduler"]})
+    if others:
+        click.echo(
+            f"note: nodes of this topic run the {' and '.join(others)} scheduler, this app "
+            f"{report['scheduler']} (scheduler_name, FD_SCHEDULER_NAME or --scheduler-name)"
+        )
     if rows:
         click.echo(_table(rows))
     waiting = {role: n for role, n in report["shared_queues"].items() if n}
@@ -111,8 +124,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 
 def collect_status(client: Any, config: Any) -> dict[str, Any]:
-    """What ``fd status`` shows: ``{"topic", "nodes": [row, ...], "shared_queues": {role: n},
-    "dead_letters": n}``."""
+    """What ``fd status`` shows: ``{"scheduler", "topic", "nodes": [row, ...], "shared_queues":
+    {role: n}, "dead_letters": n}``. ``scheduler`` is the one this app is configured with; a row
+    carries its node's own where the node publishes it. ``rescued`` counts the requests a node
+    took from dead nodes (``steals_made`` only those taken from live, busy ones)."""
     topic = config.scheduler_topic
     nodes = live_nodes(client, config)
     depths = queue_depths(client, topic, [(n.name, n.role) for n in nodes])
@@ -132,10 +147,12 @@ def collect_status(client: Any, config: Any) -> dict[str, Any]:
             running=_int(info.facts.get("running")),
             steals_made=steals.get(f"{info.name}:made", 0),
             steals_suffered=steals.get(f"{info.name}:suffered", 0),
+            rescued=steals.get(f"{info.name}:rescued", 0),
             kv_bytes=held.get(info.name, 0),
         )
         rows.append(row)
     return {
+        "scheduler": config.scheduler_name,
         "topic": topic,
         "nodes": rows,
         "shared_queues": shared_queue_depths(client, topic),
@@ -175,7 +192,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     heads = [head for _, head in COLUMNS]
     cells = [[_cell(field, row.get(field)) for field, _ in COLUMNS] for row in rows]
     widths = [max(len(head), *(len(r[i]) for r in cells)) for i, head in enumerate(heads)]
-    numeric = {"load", "queue", "slots", "running", "heartbeat", "stole", "stolen from", "KV held"}
+    numeric = {"load", "queue", "slots", "running", "heartbeat", "stole", "stolen from", "rescued", "KV held"}
 
     def fmt(values: list[str]) -> str:
         return "  ".join(
