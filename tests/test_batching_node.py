@@ -59,6 +59,15 @@ def test_concurrent_requests_share_one_batch_and_stay_exact(batching, redis_serv
     assert engine_stats["widest_step"] <= 4, "more sequences ran at once than FD_MAX_NUM_SEQS"
     assert engine_stats["max_num_seqs"] == 4
     assert engine_stats["free_blocks"] == engine_stats["total_blocks"], "a finished request kept KV blocks"
+    # the scheduler sees the node in the real unit: 4 slots (the engine's), its free KV in tokens
+    facts = redis_server.client().hgetall(keys.node_hash(TOPIC, node))
+    assert facts[b"slots"] == b"4"
+    idle_tokens = str(engine_stats["total_blocks"] * engine_stats["block_size"]).encode()
+    wait_until(
+        lambda: redis_server.client().hget(keys.node_hash(TOPIC, node), "kv_free_tokens") == idle_tokens,
+        10,
+        "the node publishing its free KV",
+    )
 
 
 def test_requests_beyond_the_engine_room_stay_in_redis(batching, redis_server):

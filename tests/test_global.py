@@ -116,16 +116,19 @@ def test_busy_node_is_stolen_from_and_every_request_completes_once(redis_server,
 
     served = collections.Counter(r.served_by[0] for r in results)
     assert len(served) >= 3, f"the other nodes did not steal: {served}"
+    nodes = {w.node for w in g1.workers}
     for handle, result, seed in zip(handles, results, range(16)):
         assert result.stolen == (result.served_by[0] != target)
-        if result.stolen:
-            assert result.extra["stolen_from"] == target
+        if result.stolen:  # (from the target, or from a thief that was busy again: a re-steal)
+            assert result.extra["stolen_from"] in nodes - {result.served_by[0]}
         assert list(result.token_ids) == reference_tokens(engine, "steal me", 80, 0.7, seed)
         _assert_exactly_once(redis_server, G1, handle, result)
     after = _steal_counts(redis_server, G1)
     stolen = sum(r.stolen for r in results)
-    assert sum(after[f"{w.node}:made"] - before[f"{w.node}:made"] for w in g1.workers) == stolen
-    assert after[f"{target}:suffered"] - before[f"{target}:suffered"] == stolen
+    made = sum(after[f"{w.node}:made"] - before[f"{w.node}:made"] for w in g1.workers)
+    suffered = sum(after[f"{w.node}:suffered"] - before[f"{w.node}:suffered"] for w in g1.workers)
+    assert made == suffered >= stolen, "every steal is counted once on each side"
+    assert after[f"{target}:suffered"] - before[f"{target}:suffered"] >= stolen - (made - stolen)
 
 
 def test_load_table_spans_shards_and_placement_spreads_requests(redis_server, g1):

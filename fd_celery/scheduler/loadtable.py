@@ -1,7 +1,9 @@
 """The global load table: which node is least loaded, kept honest by construction.
 
-The load score of a node is ``(requests waiting in its own queue + requests it is running +
-prefill tokens outstanding / PREFILL_TOKEN_UNIT) / its slots``. The token term weighs splitwise
+The load score of a node is ``(requests waiting in its own queue + max(requests it is running,
+its KV cache in use counted in requests) + prefill tokens outstanding / PREFILL_TOKEN_UNIT) / its
+slots``, where a batching node's slots are the requests its engine runs at once and its KV cache
+in use counts ``slots x used blocks / total blocks``. The token term weighs splitwise
 prefill work by prompt size: each prefill placed on a node is charged in its ledger
 (``keys.prefill_ledger``) until the prefill ends, or until ``scheduler_release_load_expire_period``
 has passed if its end never comes (the node died with it, say). Every ``scheduler_sync_period``
@@ -65,9 +67,13 @@ def publish(
     running: int,
     slots: int,
     own_queue: str,
+    kv_running: float = 0.0,
+    kv_free_tokens: int | None = None,
 ) -> tuple[float, int, bool]:
     """Publish the node's heartbeat and its load score from the truth; returns (score, waiting,
-    whether the node's facts are still registered)."""
+    whether the node's facts are still registered). ``kv_running``: the node's KV cache in use,
+    counted in requests (``slots x used blocks / total blocks``); the score takes the larger of
+    it and ``running``. ``kv_free_tokens`` becomes the node's fact of that name."""
     topic = config.scheduler_topic
     shard = keys.load_shard(topic, role, keys.shard_of(node, config.scheduler_load_shards_num))
     reply = PUBLISH(
@@ -79,7 +85,15 @@ def publish(
             keys.prefill_ledger(topic, node),
             *queue_lists(own_queue),
         ],
-        args=[node, running, max(1, slots), int(time.time() * 1000), PREFILL_TOKEN_UNIT],
+        args=[
+            node,
+            running,
+            max(1, slots),
+            int(time.time() * 1000),
+            PREFILL_TOKEN_UNIT,
+            repr(float(kv_running)),
+            "" if kv_free_tokens is None else int(kv_free_tokens),
+        ],
     )
     return float(reply[0]), int(reply[1]), bool(reply[2])
 

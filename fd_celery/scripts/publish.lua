@@ -11,6 +11,9 @@
 -- ARGV[3]    slots                requests it runs at once (at least 1)
 -- ARGV[4]    now_ms               epoch ms: the heartbeat
 -- ARGV[5]    token_unit           prompt tokens that weigh as much as one request
+-- ARGV[6]    kv_running           its KV cache in use, in requests: slots x blocks used / blocks
+--                                 (0 where the node's engine is not in its process)
+-- ARGV[7]    kv_free_tokens       tokens its KV cache has free ('' where unknown): a fact
 --
 -- Returns {score as a string (Lua would truncate a number), requests waiting in its queue,
 -- 1 if the node's facts are still there (0 after Redis lost its data: the node registers again)}.
@@ -24,6 +27,8 @@ local running = ARGV[2]
 local slots = tonumber(ARGV[3])
 local now_ms = ARGV[4]
 local token_unit = tonumber(ARGV[5])
+local kv_running = tonumber(ARGV[6]) or 0
+local kv_free_tokens = ARGV[7]
 
 local waiting = 0
 for _, list in ipairs(queue_lists) do waiting = waiting + redis.call('LLEN', list) end
@@ -33,9 +38,11 @@ local tokens = 0
 for _, entry in ipairs(redis.call('ZRANGE', ledger, 0, -1)) do
   tokens = tokens + (tonumber(string.match(entry, '|(%d+)$')) or 0)
 end
-local score = (waiting + tonumber(running) + tokens / token_unit) / slots
+-- A node is as busy as the larger of its running requests and its KV cache in use.
+local score = (waiting + math.max(tonumber(running), kv_running) + tokens / token_unit) / slots
 redis.call('ZADD', shard, score, node)
 redis.call('ZADD', nodes, now_ms, node)
 local known = redis.call('HEXISTS', facts, 'role')
 redis.call('HSET', facts, 'running', running)
+if kv_free_tokens ~= '' then redis.call('HSET', facts, 'kv_free_tokens', kv_free_tokens) end
 return {tostring(score), waiting, known}

@@ -23,6 +23,7 @@ from fd_celery.scheduler import loadtable, recovery, registry
 from fd_celery.scheduler.stealing import Thief
 from fd_celery.settings import NodeSettings, get_config, get_node_settings, node_knobs, set_node_settings
 from fd_celery.worker.redaction import install_log_redaction
+from fd_celery.worker.runner import loaded_runner
 
 __all__ = ["FDWorkerStep", "FDIntakeStep"]
 
@@ -84,7 +85,8 @@ class FDWorkerStep(bootsteps.StartStopStep):
         if _engine_in_main_process(worker):  # the model loads before the node joins the registry
             from fd_celery.worker.runner import runner_for
 
-            runner_for(app)
+            # a batching node runs as many requests at once as its engine has sequence slots
+            self.slots = min(self.slots, runner_for(app).capacity().max_num_seqs)
         client = redis_for(config)
         self.facts = self._facts(worker)
         registry.register(client, config, self.node, self.facts)
@@ -180,8 +182,23 @@ class FDWorkerStep(bootsteps.StartStopStep):
         if not beat:
             queue = self.queues[1]
             return 0.0, sum(client.llen(q) for q in loadtable.queue_lists(queue))
+        kv_running, kv_free_tokens = 0.0, None
+        runner = loaded_runner()
+        if runner is not None:  # the engine runs in this process: its KV cache counts
+            capacity = runner.capacity()
+            used = capacity.total_blocks - capacity.free_blocks
+            kv_running = self.slots * used / max(1, capacity.total_blocks)
+            kv_free_tokens = capacity.free_blocks * capacity.block_size
         self.load_score, self.waiting, known = loadtable.publish(
-            client, config, role, self.node, _requests_held(), self.slots, self.queues[1]
+            client,
+            config,
+            role,
+            self.node,
+            _requests_held(),
+            self.slots,
+            self.queues[1],
+            kv_running=kv_running,
+            kv_free_tokens=kv_free_tokens,
         )
         if not known:  # Redis lost its data (restart without persistence, failover): join again
             logger.warning("node %s was missing from the registry; registering again", self.node)
@@ -253,8 +270,6 @@ class FDIntakeStep(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         from types import MethodType
 
-        from fd_celery.worker.runner import loaded_runner
-
         consumer = getattr(c, "task_consumer", None)
         qos = getattr(getattr(consumer, "channel", None), "qos", None)
         if qos is None or not hasattr(qos, "can_consume") or getattr(qos, "_fd_intake", False):
@@ -275,8 +290,6 @@ class FDIntakeStep(bootsteps.StartStopStep):
 def _engine_stats() -> dict[str, Any] | None:
     """The engine of this process, when it runs here (a thread or solo pool; a prefork node's
     engines live in its children): KV blocks total/free, running and waiting sequences, steps."""
-    from fd_celery.worker.runner import loaded_runner
-
     runner = loaded_runner()
     if runner is None:
         return None
