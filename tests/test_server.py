@@ -504,3 +504,36 @@ def test_redis_lost_mid_stream_ends_the_stream_with_an_error_event():
                 assert info.value.body is not None and info.value.body["code"] == "broker_unavailable"
     finally:
         redis_server.stop()
+
+
+def test_a_hugging_face_model_gets_its_own_chat_template(tmp_path):
+    """A model directory's tokenizer template, as token ids (no second BOS from the worker);
+    one without a template is a 400 that says to use /v1/completions."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from fd_celery.server.chat import render_chat
+    from fd_celery.server.schema import ApiError
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["hello there", "general kenobi"] * 5, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    messages = [{"role": "user", "content": "hello there"}]
+    plain = tmp_path / "plain"
+    fast.save_pretrained(plain)
+    with pytest.raises(ApiError, match="no chat template") as info:
+        render_chat(str(plain), messages)
+    assert info.value.status == 400
+    fast.chat_template = "{% for m in messages %}<s>[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    templated = tmp_path / "templated"
+    fast.save_pretrained(templated)
+    text, ids = render_chat(str(templated), messages)
+    assert text is None and ids is not None
+    assert fast.decode(ids) == "<s>[user] hello there\n[assistant] "
