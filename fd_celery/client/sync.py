@@ -11,6 +11,7 @@ A client's reader threads live until :meth:`Client.close` (or the end of its ``w
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -40,6 +41,7 @@ from fd_celery.keys import check_request_id, output_stream
 from fd_celery.protocol import RESULT_DEFERRED, RESULT_HEADER, GenerationResult, OutputChunk
 from fd_celery.settings import get_config
 from fd_celery.streams import StreamReaders, last_entry
+from fd_celery.streams.cancel import cancel_stream
 
 __all__ = ["Client", "RequestHandle"]
 
@@ -48,6 +50,9 @@ SUBMIT_KEYWORDS = ("token_ids", "max_tokens", "temperature", "seed", "request_id
 
 # A request still PENDING this long after its deadline was never started by any node.
 EXPIRY_GRACE_S = 2.0
+
+
+logger = logging.getLogger(__name__)
 
 
 class Client:
@@ -211,6 +216,22 @@ class RequestHandle:
                 pass
         assert self._final is not None
         return GenerationResult.from_dict(self._final)
+
+    def cancel(self) -> bool:
+        """Stop the request wherever it is: queued, prefilling, handed off or decoding. Its
+        stream ends with ``finish_reason "cancelled"`` (and the tokens streamed so far), every
+        node working on it stops at its next step and frees the request's KV, and a request
+        still queued never starts. True if this call cancelled it, False if it had ended."""
+        config = self._client.config
+        self._client._check_open(f"cancel request {self.request_id}")
+        with redis_errors(config):
+            ours, _ = cancel_stream(self._redis, config.scheduler_topic, self.request_id)
+        if ours:  # a worker that has not taken it yet drops it on receipt
+            try:
+                self._client.app.control.revoke(self.request_id)
+            except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
+                logger.warning("request %s: cancelled, but the revoke was not sent: %s", self.request_id, exc)
+        return ours
 
     def _follow(self, timeout: float | None, chunks: bool) -> Iterator[OutputChunk]:
         config = self._client.config

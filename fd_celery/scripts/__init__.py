@@ -10,6 +10,7 @@ steal.lua      move one waiting request to an idle thief    scheduler.stealing.s
 restore.lua    requeue a message a dead node held           scheduler.recovery
 admit.lua      a place in the local queue, if one is free   scheduler.admission.admit
 append.lua     a request's output chunks and end, once      streams.writer.OutputWriter
+cancel.lua     end a request's stream as cancelled, once     streams.cancel.cancel_stream
 =============  ==========================================  =====================================
 
 Each file begins with a header that draws its keys and arguments (``-- KEYS[1]  name  type  what``,
@@ -36,7 +37,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-__all__ = ["Script", "Slot", "PUBLISH", "PLACE", "STEAL", "RESTORE", "ADMIT", "APPEND", "ALL"]
+__all__ = ["Script", "Slot", "PUBLISH", "PLACE", "STEAL", "RESTORE", "ADMIT", "APPEND", "CANCEL", "ALL"]
 
 _SLOT_LINE = re.compile(r"^-- (KEYS|ARGV)\[(\d+)(\.\.)?\]\s+(\w+)(.*)$")
 
@@ -121,6 +122,7 @@ STEAL = Script("steal")
 RESTORE = Script("restore")
 ADMIT = Script("admit")
 APPEND = Script("append")
+CANCEL = Script("cancel")
 
 #: Every script, for checks that go over all of them.
-ALL = (PUBLISH, PLACE, STEAL, RESTORE, ADMIT, APPEND)
+ALL = (PUBLISH, PLACE, STEAL, RESTORE, ADMIT, APPEND, CANCEL)

@@ -81,6 +81,7 @@ class OutputWriter:
         self._pid = os.getpid()
         self._failed: dict[str, BaseException] = {}  # stream key -> error of a lost chunk write
         self._outstanding: dict[str, int] = {}  # stream key -> writes queued, not yet stored
+        self._ended: set[str] = set()  # streams an append found ended by someone else (cancelled)
         self._lock = threading.Lock()
         for index, q in enumerate(self._queues):
             thread = threading.Thread(target=self._run, args=(q,), name=f"fd-writer-{index}", daemon=True)
@@ -136,6 +137,15 @@ class OutputWriter:
             raise BrokerUnavailable(f"output stream {key} could not be written: {error}")
         assert pending.reply is not None
         return dict(json.loads(pending.reply))
+
+    def ended(self, key: str) -> bool:
+        """Whether an append of ours found the stream already ended by someone else (a cancel):
+        the run should stop. Forgotten once read as true."""
+        if key not in self._ended:
+            return False
+        with self._lock:
+            self._ended.discard(key)
+        return True
 
     def defer(self, work: Callable[[Any], None], key: str | None = None, retry: bool = True) -> None:
         """Queue Redis commands for a writer thread, off the request's path: ``work(pipe)`` puts
@@ -233,6 +243,8 @@ class OutputWriter:
                     self._failed[member.key] = reply
                 else:
                     member.reply = reply
+                    if reply and not member.final:  # the stream had ended before our chunk
+                        self._ended.add(member.key)
                 with self._lock:
                     left = self._outstanding.get(member.key, 1) - 1
                     if left > 0:

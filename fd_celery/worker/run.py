@@ -51,6 +51,7 @@ from fd_celery.streams import (
     last_entry,
     writer_for,
 )
+from fd_celery.streams.cancel import CANCELLED
 from fd_celery.worker.records import mark_started, same_redis, success_record, write_record
 
 __all__ = [
@@ -306,8 +307,11 @@ def stream_tokens(
             produced += 1
             if produced == 1 and more_after_first:
                 out.flush()
+            if out.writer.ended(out.key):  # cancelled: the caller ended the stream
+                finish_reason = CANCELLED
+                break
     finally:
-        # a run that stops early (an error, a revoke) gives the sequence's KV blocks back now
+        # a run that stops early (cancelled, an error) gives the sequence's KV blocks back now
         if getattr(tokens, "finish_reason", "") is None:
             tokens.abort()
     tail = streamer.flush()
