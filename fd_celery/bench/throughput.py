@@ -14,8 +14,10 @@ One node serves the built-in model (``fd-small`` on the CPU by default); a clien
 Per concurrency: output tokens/s (all output tokens / first submit to last end), TTFT p50/p99
 (submit to the first token at the client), inter-token latency p50/p99 (each streamed chunk's
 gap since the one before, split evenly over the tokens it carries) and the memory of the node's
-processes (peak of the summed RSS, from /proc; PSS beside it in the JSON). The systems run one
-after the other, each alone on the machine with its own private Redis topic.
+processes (peak of the summed RSS, from /proc; PSS beside it in the JSON). The three start
+once; then each level runs on every system in turn while the other two are paused (SIGSTOP), so
+each is measured alone on the machine and all three see it in the same state. The nodes share
+one private Redis, each on a topic of its own.
 
 Every request of (b) and (c) must carry exactly the tokens that (a) gives the same prompt and
 seed (half the requests are greedy, half sampled at temperature 0.8): a mismatch, or a request
@@ -24,6 +26,8 @@ that fails, fails the bench (exit status 1).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -230,10 +234,11 @@ def pss_kib(pids: Sequence[int]) -> int:
 
 
 class MemorySampler:
-    """The peak summed RSS of a process group, sampled every :data:`MEMORY_SAMPLE_S`."""
+    """The peak summed RSS of the process group being measured (:meth:`watch`), sampled every
+    :data:`MEMORY_SAMPLE_S`."""
 
-    def __init__(self, pgid: int) -> None:
-        self.pgid = pgid
+    def __init__(self) -> None:
+        self._pgid = 0
         self._peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-memory", daemon=True)
@@ -241,11 +246,19 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.wait(MEMORY_SAMPLE_S):
-            self._peak = max(self._peak, rss_kib(group_pids(self.pgid)))
+            pgid = self._pgid
+            if pgid:
+                rss = rss_kib(group_pids(pgid))
+                if pgid == self._pgid:
+                    self._peak = max(self._peak, rss)
+
+    def watch(self, pgid: int) -> None:
+        """Measure process group ``pgid`` from now on (the peak starts again)."""
+        self._pgid, self._peak = pgid, 0
 
     def take_peak(self) -> tuple[float, float]:
-        """(peak RSS since the last call, PSS now), in MiB."""
-        pids = group_pids(self.pgid)
+        """(peak RSS since :meth:`watch` or the last call, PSS now), in MiB."""
+        pids = group_pids(self._pgid)
         peak = max(self._peak, rss_kib(pids))
         self._peak = 0
         return peak / 1024, pss_kib(pids) / 1024
@@ -253,6 +266,43 @@ class MemorySampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+# --------------------------------------------------------------------------- the systems
+
+
+class System:
+    """One of (a), (b), (c): started once, then measured level by level. While another system is
+    measured it is paused (SIGSTOP to its process group): an idle node's own timers (load and
+    heartbeat every ``scheduler_sync_period``) take a tenth of a core or more, which would count
+    against the one being measured on a small machine."""
+
+    name = ""
+    pgid = 0
+
+    def __init__(self, levels: Sequence[int]) -> None:
+        self.levels = list(levels)
+        self.idle_rss_mib = 0.0
+
+    def ready(self) -> None:
+        """Wait until it serves (warmed up)."""
+
+    def run_level(self, concurrency: int, num_requests: int) -> tuple[list[Done], float, dict[str, Any]]:
+        raise NotImplementedError
+
+    def pause(self) -> None:
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, signum: int) -> None:
+        if self.pgid:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pgid, signum)
+
+    def close(self) -> None:
+        """Stop it (resumed first: a stopped process would not see SIGTERM)."""
 
 
 # --------------------------------------------------------------------------- (a) the engine loop
@@ -317,11 +367,14 @@ def _answer(data: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-class EngineProcess:
+class EngineSystem(System):
     """(a) in a process of its own (``python -m fd_celery.bench.throughput``), so that its memory
     is measured as a node's is, and the bench's own threads do not share its interpreter."""
 
-    def __init__(self, spec: ThroughputSpec, batch: dict[str, int]) -> None:
+    name = "engine"
+
+    def __init__(self, spec: ThroughputSpec, batch: dict[str, int], levels: Sequence[int]) -> None:
+        super().__init__(levels)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fd_celery.bench.throughput"],
             stdin=subprocess.PIPE,
@@ -338,13 +391,12 @@ class EngineProcess:
                 "max_tokens": spec.max_tokens,
             }
         )
+        self.pgid = self.process.pid
+
+    def ready(self) -> None:
         ready = self._read()
         if ready.get("errors"):
             raise RuntimeError(f"the engine's warm-up failed: {ready['errors'][0]}")
-
-    @property
-    def pgid(self) -> int:
-        return self.process.pid
 
     def _send(self, data: dict[str, Any]) -> None:
         assert self.process.stdin is not None
@@ -359,15 +411,17 @@ class EngineProcess:
         answer: dict[str, Any] = json.loads(line)
         return answer
 
-    def level(self, concurrency: int, num_requests: int) -> tuple[list[Done], float, dict[str, int]]:
+    def run_level(self, concurrency: int, num_requests: int) -> tuple[list[Done], float, dict[str, Any]]:
         self._send({"concurrency": concurrency, "requests": num_requests})
         answer = self._read()
         done = [Done(**d) for d in answer["done"]]
         return done, answer["wall_s"], {"steps": answer["steps"], "widest_step": answer["widest_step"]}
 
     def close(self) -> None:
+        self.resume()
         if self.process.stdin is not None:
-            self.process.stdin.close()
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
         try:
             self.process.wait(10)
         except subprocess.TimeoutExpired:
@@ -428,41 +482,6 @@ def _summary(done: list[Done], wall: float) -> dict[str, Any]:
     }
 
 
-def _measure(
-    name: str,
-    spec: ThroughputSpec,
-    levels: Sequence[int],
-    run_level: Callable[[int, int], tuple[list[Done], float, dict[str, Any]]],
-    memory: MemorySampler,
-    tokens: dict[tuple[str, int], dict[int, list[int]]],
-    errors: list[str],
-) -> dict[int, dict[str, Any]]:
-    out: dict[int, dict[str, Any]] = {}
-    memory.take_peak()
-    idle_rss, idle_pss = memory.take_peak()
-    click.echo(f"{LABELS[name]}: {idle_rss:.0f} MiB RSS after warm-up")
-    for concurrency in levels:
-        num = spec.requests_at(concurrency)
-        done, wall, extra = run_level(concurrency, num)
-        rss, pss = memory.take_peak()
-        summary = {**_summary(done, wall), "rss_mib": rss, "pss_mib": pss, "idle_rss_mib": idle_rss, **extra}
-        if summary.get("steps"):
-            summary["tokens_per_step"] = summary["output_tokens"] / summary["steps"]
-            summary["ms_per_step"] = 1000 * wall / summary["steps"]
-        out[concurrency] = summary
-        tokens[(name, concurrency)] = {d.index: d.tokens for d in done if d.error is None}
-        errors += [
-            f"{LABELS[name]}, concurrency {concurrency}, request {d.index}: {d.error}"
-            for d in done
-            if d.error
-        ]
-        click.echo(
-            f"  concurrency {concurrency:3}: {num} requests, {summary['tokens_per_s']:8.1f} tokens/s, "
-            f"{rss:6.0f} MiB RSS" + (f", {summary['failed']} FAILED" if summary["failed"] else "")
-        )
-    return out
-
-
 def _mismatches(
     tokens: dict[tuple[str, int], dict[int, list[int]]], name: str, levels: Sequence[int]
 ) -> list[str]:
@@ -481,56 +500,150 @@ def _mismatches(
     return found
 
 
-def _run_node(
-    cluster: Any,
-    name: str,
-    pool: str,
-    concurrency: int,
-    env: dict[str, str],
-    spec: ThroughputSpec,
-    levels: Sequence[int],
-    tokens: dict[tuple[str, int], dict[int, list[int]]],
-    errors: list[str],
-) -> dict[int, dict[str, Any]]:
-    """(b) or (c): a worker of its own (and topic) on the cluster's Redis, measured, stopped."""
-    topic = f"bench-throughput-{name}-{os.getpid()}"
-    worker = cluster.add_worker(
-        f"tp-{name}", pool=pool, concurrency=concurrency, env={**env, "FD_SCHEDULER_TOPIC": topic}
-    )
-    cluster.wait_live([worker.node], topic=topic)
-    client = cluster.client(topic)
-    memory = MemorySampler(worker.process.pid)
-    try:
-        start = _client_start(client, spec)
-        warm_n = min(4, concurrency)
-        warm, _ = closed_loop(lambda i: start(WARMUP_INDEX + i), warm_n, warm_n)
+class NodeSystem(System):
+    """(b) or (c): a ``celery worker`` of its own, on a topic of its own, and a client."""
+
+    def __init__(
+        self,
+        cluster: Any,
+        name: str,
+        pool: str,
+        concurrency: int,
+        env: dict[str, str],
+        spec: ThroughputSpec,
+        levels: Sequence[int],
+    ) -> None:
+        super().__init__(levels)
+        self.name, self.spec, self.concurrency = name, spec, concurrency
+        self.topic = f"bench-throughput-{name}-{os.getpid()}"
+        self.cluster = cluster
+        self.worker = cluster.add_worker(
+            f"tp-{name}", pool=pool, concurrency=concurrency, env={**env, "FD_SCHEDULER_TOPIC": self.topic}
+        )
+        self.pgid = self.worker.process.pid
+        self.client: Any = None
+
+    def ready(self) -> None:
+        self.cluster.wait_live([self.worker.node], topic=self.topic)
+        self.client = self.cluster.client(self.topic)
+        self.start = _client_start(self.client, self.spec)
+        self._warm(min(4, self.concurrency), self.spec.max_tokens)
+
+    def _warm(self, num: int, max_tokens: int) -> None:
+        start = _client_start(self.client, dataclasses.replace(self.spec, max_tokens=max_tokens))
+        warm, _ = closed_loop(lambda i: start(WARMUP_INDEX + i), num, num)
         failed = [d.error for d in warm if d.error]
         if failed:
-            raise RuntimeError(f"{LABELS[name]}: warm-up failed: {failed[0]}")
+            raise RuntimeError(f"{LABELS[self.name]}: warm-up failed: {failed[0]}")
 
-        def run_level(level: int, num: int) -> tuple[list[Done], float, dict[str, Any]]:
-            before = _engine_stats(client, worker.node)  # (a prefork node's engines are in its children)
-            done, wall = closed_loop(start, level, num)
-            if not before:
-                return done, wall, {}
-            after = _engine_stats(client, worker.node)
-            return (
-                done,
-                wall,
-                {"steps": after["steps"] - before["steps"], "widest_step": after["widest_step"]},
+    def resume(self) -> None:
+        super().resume()
+        if self.client is not None:
+            self._warm(1, 2)  # it serves again (connections, heartbeat) before it is measured
+
+    def run_level(self, concurrency: int, num_requests: int) -> tuple[list[Done], float, dict[str, Any]]:
+        before = _engine_stats(self.client, self.worker.node)  # (a prefork node's engines: in its children)
+        done, wall = closed_loop(self.start, concurrency, num_requests)
+        if not before:
+            return done, wall, {}
+        after = _engine_stats(self.client, self.worker.node)
+        return done, wall, {"steps": after["steps"] - before["steps"], "widest_step": after["widest_step"]}
+
+    def close(self) -> None:
+        System.resume(self)
+        if self.client is not None:
+            self.client.close()
+        self.worker.stop()
+        self.cluster.workers.remove(self.worker)
+
+
+class _Results:
+    """What the levels measured: figures, every request's tokens, failed requests."""
+
+    def __init__(self) -> None:
+        self.figures: dict[str, dict[int, dict[str, Any]]] = {}
+        self.tokens: dict[tuple[str, int], dict[int, list[int]]] = {}
+        self.errors: list[str] = []
+
+    def add(
+        self,
+        system: System,
+        concurrency: int,
+        done: list[Done],
+        wall: float,
+        extra: dict[str, Any],
+        memory: tuple[float, float],
+    ) -> dict[str, Any]:
+        rss, pss = memory
+        summary = {
+            **_summary(done, wall),
+            "rss_mib": rss,
+            "pss_mib": pss,
+            "idle_rss_mib": system.idle_rss_mib,
+            **extra,
+        }
+        if summary.get("steps"):
+            summary["tokens_per_step"] = summary["output_tokens"] / summary["steps"]
+            summary["ms_per_step"] = 1000 * wall / summary["steps"]
+        self.figures.setdefault(system.name, {})[concurrency] = summary
+        self.tokens[(system.name, concurrency)] = {d.index: d.tokens for d in done if d.error is None}
+        self.errors += [
+            f"{LABELS[system.name]}, concurrency {concurrency}, request {d.index}: {d.error}"
+            for d in done
+            if d.error
+        ]
+        return summary
+
+
+def _run_levels(
+    cluster: Any,
+    spec: ThroughputSpec,
+    levels: list[int],
+    old_levels: list[int],
+    batch: dict[str, int],
+    node_kv: int,
+    old_kv: int,
+    systems: list[System],
+    memory: MemorySampler,
+    results: _Results,
+) -> None:
+    # All three start at once (start-up is not measured), then each waits, paused, for its turn.
+    systems.append(EngineSystem(spec, batch, levels))
+    old_env = {"FD_MAX_NUM_SEQS": "1", "FD_KV_CACHE_BYTES": str(old_kv)}
+    systems.append(NodeSystem(cluster, "old", "prefork", OLD_POOL_PROCESSES, old_env, spec, old_levels))
+    node_env = {"FD_MAX_NUM_SEQS": str(spec.max_concurrency), "FD_KV_CACHE_BYTES": str(node_kv)}
+    systems.append(NodeSystem(cluster, "node", "threads", spec.max_concurrency, node_env, spec, levels))
+    for system in systems:
+        system.ready()
+        memory.watch(system.pgid)
+        system.idle_rss_mib = memory.take_peak()[0]
+        system.pause()
+        click.echo(f"{LABELS[system.name]}: ready, {system.idle_rss_mib:.0f} MiB RSS")
+    for concurrency in levels:  # each level: every system in turn, the others paused
+        num = spec.requests_at(concurrency)
+        click.echo(f"concurrency {concurrency}: {num} requests")
+        for system in systems:
+            if concurrency not in system.levels:
+                continue
+            system.resume()
+            memory.watch(system.pgid)
+            done, wall, extra = system.run_level(concurrency, num)
+            summary = results.add(system, concurrency, done, wall, extra, memory.take_peak())
+            system.pause()
+            click.echo(
+                f"  {LABELS[system.name]:22} {summary['tokens_per_s']:8.1f} tokens/s, "
+                f"{summary['rss_mib']:6.0f} MiB RSS"
+                + (f", {summary['failed']} FAILED" if summary["failed"] else "")
             )
 
-        return _measure(name, spec, levels, run_level, memory, tokens, errors)
-    finally:
-        memory.stop()
-        client.close()
-        worker.stop()
-        cluster.workers.remove(worker)
+
+def _terminated(*_: Any) -> None:
+    raise SystemExit(143)
 
 
 def run_throughput(spec: ThroughputSpec, out_dir: str) -> dict[str, Any]:
     """Run the bench, print the table, write JSON and PNG; the report (``ok`` False on any
-    mismatch or failed request)."""
+    mismatch or failed request). SIGTERM stops it as Ctrl-C does: nothing is left running."""
     from fd_celery.engine import BUILTIN_MODELS
     from fd_celery.local_cluster import LocalCluster
 
@@ -549,29 +662,28 @@ def run_throughput(spec: ThroughputSpec, out_dir: str) -> dict[str, Any]:
         f"(a, c), {old_kv / 2**20:.1f} MiB per pool process (b)"
     )
     batch = {"max_num_seqs": top, "block_size": spec.block_size, "kv_cache_bytes": node_kv}
-    tokens: dict[tuple[str, int], dict[int, list[int]]] = {}
-    errors: list[str] = []
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-
-    engine = EngineProcess(spec, batch)
-    memory = MemorySampler(engine.pgid)
+    results = _Results()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
+    base_env = {"FD_MODEL": spec.model, "FD_DEVICE": spec.device, "FD_BLOCK_SIZE": str(spec.block_size)}
+    systems: list[System] = []
+    memory = MemorySampler()
     try:
-        results["engine"] = _measure("engine", spec, levels, engine.level, memory, tokens, errors)
+        with LocalCluster(env=base_env) as cluster:
+            try:
+                _run_levels(
+                    cluster, spec, levels, old_levels, batch, node_kv, old_kv, systems, memory, results
+                )
+            finally:  # resumed and stopped before the cluster goes (a stopped process ignores SIGTERM)
+                for system in reversed(systems):
+                    system.close()
     finally:
         memory.stop()
-        engine.close()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
-    base_env = {"FD_MODEL": spec.model, "FD_DEVICE": spec.device, "FD_BLOCK_SIZE": str(spec.block_size)}
-    with LocalCluster(env=base_env) as cluster:
-        node_env = {"FD_MAX_NUM_SEQS": str(top), "FD_KV_CACHE_BYTES": str(node_kv)}
-        results["node"] = _run_node(cluster, "node", "threads", top, node_env, spec, levels, tokens, errors)
-        old_env = {"FD_MAX_NUM_SEQS": "1", "FD_KV_CACHE_BYTES": str(old_kv)}
-        results["old"] = _run_node(
-            cluster, "old", "prefork", OLD_POOL_PROCESSES, old_env, spec, old_levels, tokens, errors
-        )
-
-    mismatches = _mismatches(tokens, "node", levels) + _mismatches(tokens, "old", old_levels)
-    report = _report(spec, levels, results, mismatches, errors, batch, old_kv, per_block)
+    mismatches = _mismatches(results.tokens, "node", levels) + _mismatches(results.tokens, "old", old_levels)
+    report = _report(spec, levels, results.figures, mismatches, results.errors, batch, old_kv, per_block)
     _print(report, levels)
     write_json(out_dir, "throughput", report)
     _plot(out_dir, report, levels)
