@@ -34,8 +34,23 @@ MAX_PROMPT_TOKENS = 131_072  # token ids given directly
 MAX_TEMPERATURE = 10.0
 MAX_SEED = 2**63 - 1
 MAX_NODE_NAME = 255
+MAX_TOP_K = 1 << 20
+MAX_REPETITION_PENALTY = 10.0
+MAX_STOP_TOKEN_IDS = 256
 
-_FIELDS = ("prompt", "token_ids", "max_tokens", "temperature", "seed", "node")
+#: The sampling fields beyond temperature and seed (see fd_celery.engine.sampling.SamplingParams).
+SAMPLING_FIELDS = (
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+)
+_FIELDS = ("prompt", "token_ids", "max_tokens", "temperature", "seed", "node", *SAMPLING_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -48,12 +63,32 @@ class GenerateRequest:
     temperature: float = 0.0
     seed: int | None = None
     node: str | None = None
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
     def to_kwargs(self) -> dict[str, Any]:
-        """The task kwargs: JSON-safe, and parse_request(to_kwargs()) gives this back."""
+        """The task kwargs: JSON-safe, and parse_request(to_kwargs()) gives this back. Sampling
+        fields at their defaults are left out (a message of the fields every node knows)."""
         out = asdict(self)
         out["token_ids"] = list(self.token_ids) if self.token_ids is not None else None
+        defaults = GenerateRequest(max_tokens=1)
+        for name in SAMPLING_FIELDS:
+            if getattr(self, name) == getattr(defaults, name):
+                del out[name]
+        if "stop_token_ids" in out:
+            out["stop_token_ids"] = list(self.stop_token_ids)
         return out
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """The sampling fields beyond temperature and seed, as SamplingParams takes them."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS}
 
 
 def _int(name: str, value: object, low: int, high: int) -> int:
@@ -99,6 +134,48 @@ def _temperature(value: object) -> float:
     return float(value)
 
 
+def _number(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or not (low < value if low_open else low <= value) or value > high:
+        bound = f"more than {low}" if low_open else f"{low}"
+        raise InvalidRequest(f"{name}={value} is out of range; allowed: {bound} to {high}")
+    return float(value)
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{name} must be true or false, got {type(value).__name__}")
+    return value
+
+
+def _stop_token_ids(value: object) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequest(f"stop_token_ids must be a list of integers, got {type(value).__name__}")
+    if len(value) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest(f"stop_token_ids has {len(value)} ids; the limit is {MAX_STOP_TOKEN_IDS}")
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise InvalidRequest(f"stop_token_ids[{i}]={item!r} is not a non-negative integer")
+    return tuple(value)
+
+
+def _sampling(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling fields present in ``kwargs``, checked (vLLM's ranges)."""
+    checks: dict[str, Any] = {
+        "top_p": lambda v: _number("top_p", v, 0.0, 1.0, low_open=True),
+        "top_k": lambda v: _int("top_k", v, -1, MAX_TOP_K) if v != -1 else 0,
+        "min_p": lambda v: _number("min_p", v, 0.0, 1.0),
+        "presence_penalty": lambda v: _number("presence_penalty", v, -2.0, 2.0),
+        "frequency_penalty": lambda v: _number("frequency_penalty", v, -2.0, 2.0),
+        "repetition_penalty": lambda v: _number("repetition_penalty", v, 0.0, MAX_REPETITION_PENALTY, low_open=True),
+        "min_tokens": lambda v: _int("min_tokens", v, 0, MAX_TOKENS_LIMIT),
+        "ignore_eos": lambda v: _flag("ignore_eos", v),
+        "stop_token_ids": _stop_token_ids,
+    }
+    return {name: check(kwargs[name]) for name, check in checks.items() if kwargs.get(name) is not None}
+
+
 def _node(value: object) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_NODE_NAME:
         raise InvalidRequest(f"node={value!r} must be a worker's node name such as 'a@host'")
@@ -118,14 +195,18 @@ def parse_request(kwargs: Mapping[str, Any]) -> GenerateRequest:
     if "max_tokens" not in kwargs:
         raise InvalidRequest("max_tokens is required")
     seed, node = kwargs.get("seed"), kwargs.get("node")
-    return GenerateRequest(
+    request = GenerateRequest(
         max_tokens=_int("max_tokens", kwargs["max_tokens"], 1, MAX_TOKENS_LIMIT),
         prompt=_prompt(prompt) if prompt is not None else None,
         token_ids=_token_ids(token_ids) if token_ids is not None else None,
         temperature=_temperature(kwargs.get("temperature", 0.0)),
         seed=_int("seed", seed, 0, MAX_SEED) if seed is not None else None,
         node=_node(node) if node is not None else None,
+        **_sampling(kwargs),
     )
+    if request.min_tokens > request.max_tokens:
+        raise InvalidRequest(f"min_tokens={request.min_tokens} is more than max_tokens={request.max_tokens}")
+    return request
 
 
 @dataclass(frozen=True)

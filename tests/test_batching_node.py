@@ -98,3 +98,35 @@ def test_requests_beyond_the_engine_room_stay_in_redis(batching, redis_server):
         results = [h.result(timeout=240) for h in handles]
     assert most_held <= 4, f"the node took {most_held} requests off Redis with room for 4"
     assert all(len(r.token_ids) == 300 or r.finish_reason == "stop" for r in results)
+
+
+def test_sampling_parameters_and_stop_tokens_in_one_batch(batching, redis_server, engine):
+    """Requests with different sampling parameters share the batch; each equals its reference,
+    and a stop token ends a request without being part of its output."""
+    from fd_celery.engine import SamplingParams
+
+    cluster, node = batching
+    free = list(engine.generate(engine.encode("stop somewhere"), SamplingParams(0.9, 3), 40))
+    stop = free[12]
+    cases = [
+        ("stop somewhere", {"temperature": 0.9, "seed": 3, "stop_token_ids": [stop]}),
+        ("penalised", {"temperature": 0.0, "seed": 1, "frequency_penalty": 1.5, "presence_penalty": 0.5}),
+        ("filtered", {"temperature": 1.2, "seed": 8, "top_k": 8, "top_p": 0.8, "min_p": 0.02}),
+        ("no end", {"temperature": 0.7, "seed": 4, "ignore_eos": True, "min_tokens": 10}),
+    ]
+    app = make_app(redis_server, scheduler_topic=TOPIC)
+    with fd_celery.Client(app) as client:
+        handles = [client.submit(prompt, max_tokens=40, **fields) for prompt, fields in cases]
+        results = [h.result(timeout=120) for h in handles]
+    for (prompt, fields), result in zip(cases, results):
+        sampling = SamplingParams(
+            fields.pop("temperature"),
+            fields.pop("seed"),
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()},
+        )
+        expected = list(engine.generate(engine.encode(prompt), sampling, 40))
+        stops = set(sampling.stop_token_ids) | ({engine.eos_token_id} if not sampling.ignore_eos else set())
+        if expected and expected[-1] in stops:
+            expected = expected[:-1]
+        assert list(result.token_ids) == expected, prompt
+    assert list(results[0].token_ids) == free[: free.index(stop)] and results[0].finish_reason == "stop"

@@ -475,3 +475,22 @@ def test_decode_delivered_after_its_request_ended_releases_the_blob(sw, sw_app, 
         assert not os.path.exists(os.path.join(kvstore.SHM_DIR, ref.location)), "the shm blob was left"
     else:
         assert not r.exists(ref.location), "the Redis blob was left"
+
+
+SAMPLED = {"top_k": 20, "top_p": 0.9, "repetition_penalty": 1.3, "frequency_penalty": 0.4, "min_tokens": 5}
+
+
+def test_split_run_with_sampling_parameters_equals_one_engine(sw, sw_client, engine):
+    """Penalties need the prompt and the first token on the decode node: the tokens equal the
+    reference run of the same parameters in one engine."""
+    from fd_celery.engine import SamplingParams
+
+    result = sw_client.submit("Split, sampled", max_tokens=32, temperature=0.9, seed=12, **SAMPLED).result(
+        timeout=60
+    )
+    sampling = SamplingParams(0.9, 12, **SAMPLED)
+    expected = list(engine.generate(engine.encode("Split, sampled"), sampling, 32))
+    if expected and expected[-1] == engine.eos_token_id:
+        expected = expected[:-1]
+    assert list(result.token_ids) == expected
+    assert len(result.served_by) == 2

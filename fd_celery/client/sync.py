@@ -38,7 +38,7 @@ from fd_celery.errors import (
     error_from_dict,
 )
 from fd_celery.keys import check_request_id, output_stream
-from fd_celery.protocol import RESULT_DEFERRED, RESULT_HEADER, GenerationResult, OutputChunk
+from fd_celery.protocol import RESULT_DEFERRED, RESULT_HEADER, SAMPLING_FIELDS, GenerationResult, OutputChunk
 from fd_celery.settings import get_config
 from fd_celery.streams import StreamReaders, last_entry
 from fd_celery.streams.cancel import cancel_stream
@@ -46,7 +46,16 @@ from fd_celery.streams.cancel import cancel_stream
 __all__ = ["Client", "RequestHandle"]
 
 # Keywords of Client.submit after the prompt, named in the error for an unknown one.
-SUBMIT_KEYWORDS = ("token_ids", "max_tokens", "temperature", "seed", "request_id", "node", "priority")
+SUBMIT_KEYWORDS = (
+    "token_ids",
+    "max_tokens",
+    "temperature",
+    "seed",
+    "request_id",
+    "node",
+    "priority",
+    *SAMPLING_FIELDS,
+)
 
 # A request still PENDING this long after its deadline was never started by any node.
 EXPIRY_GRACE_S = 2.0
@@ -125,6 +134,15 @@ class Client:
         request_id: str | None = None,
         node: str | None = None,
         priority: int | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        min_tokens: int | None = None,
+        ignore_eos: bool | None = None,
+        stop_token_ids: list[int] | None = None,
         **unknown: NoReturn,
     ) -> RequestHandle:
         """Send one request; returns at once with its handle.
@@ -148,6 +166,15 @@ class Client:
             "temperature": temperature,
             "seed": seed,
             "node": node,
+            "top_p": top_p,
+            "top_k": top_k,
+            "min_p": min_p,
+            "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty,
+            "repetition_penalty": repetition_penalty,
+            "min_tokens": min_tokens,
+            "ignore_eos": ignore_eos,
+            "stop_token_ids": stop_token_ids,
         }
         kwargs = {k: v for k, v in fields.items() if v is not None}
         request_id = check_request_id(request_id) if request_id is not None else str(uuid.uuid4())

@@ -15,13 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fd_celery.engine.sampling import Sampler, SamplingParams
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick the next token. ``temperature == 0`` is greedy; ``seed`` makes sampling exact."""
-
-    temperature: float = 0.0
-    seed: int = 0
+__all__ = ["Engine", "KVCache", "SamplingParams", "Sampler"]
 
 
 @dataclass
@@ -96,10 +92,11 @@ class Engine(abc.ABC):
         The reference path: a split run (prefill here, decode elsewhere from a transferred
         cache) must yield exactly these tokens.
         """
-        cache, token = self.prefill(token_ids, sampling)
+        sampler = Sampler(sampling, token_ids, self.eos_token_id)
+        cache, token = self.prefill(token_ids, sampler)  # type: ignore[arg-type]
         yield token
         for _ in range(max_tokens - 1):
-            if token == self.eos_token_id:
+            if sampler.stops(token):
                 return
-            token = self.decode_step(cache, token, sampling)
+            token = self.decode_step(cache, token, sampler)  # type: ignore[arg-type]
             yield token

@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 
 from fd_celery.engine.base import Engine, KVCache, SamplingParams
-from fd_celery.engine.sampling import sample_token
+from fd_celery.engine.sampling import Sampler, sample_token
 from fd_celery.errors import InvalidRequest
 
 __all__ = [
@@ -118,6 +118,7 @@ class _Seq:
     blocks: list[int] = field(default_factory=list)
     cache: KVCache | None = None  # SerialBatchEngine's per-sequence cache
     aborted: bool = False
+    sampler: Sampler | None = None  # its parameters and history (penalties, stops)
 
     @property
     def next_input(self) -> int:
@@ -156,19 +157,29 @@ class BatchEngine(abc.ABC):
         the KV for :meth:`export_kv` (the prefill half of a splitwise request)."""
         prompt = [int(t) for t in prompt_ids]
         self._check_new(seq_id, prompt, max_tokens, len(prompt))
-        self._waiting.append(_Seq(seq_id, prompt, sampling, 1 if keep_kv else max_tokens, keep_kv=keep_kv))
+        seq = _Seq(seq_id, prompt, sampling, 1 if keep_kv else max_tokens, keep_kv=keep_kv)
+        seq.sampler = Sampler(sampling, prompt, self.engine.eos_token_id)
+        self._waiting.append(seq)
 
     def add_decode(
-        self, seq_id: str, cache: KVCache, first_token: int, sampling: SamplingParams, max_tokens: int
+        self,
+        seq_id: str,
+        cache: KVCache,
+        first_token: int,
+        sampling: SamplingParams,
+        max_tokens: int,
+        prompt_ids: Sequence[int] = (),
     ) -> None:
         """Queue a sequence that continues from ``cache`` (a prompt's KV, made elsewhere) whose
         next token is ``first_token`` (already produced: never emitted again). It decodes up to
-        ``max_tokens - 1`` more tokens."""
+        ``max_tokens - 1`` more tokens. ``prompt_ids``: the prompt (its repetition penalty needs
+        it; without one the penalty sees only the generated tokens)."""
         n = cache.num_tokens
         self._check_new(seq_id, [0] * n, max_tokens, n)
         self._check_cache(cache)
         seq = _Seq(seq_id, [0] * n, sampling, max_tokens, imported=cache)
         seq.tokens.append(int(first_token))
+        seq.sampler = Sampler(sampling, prompt_ids, self.engine.eos_token_id, output_ids=[int(first_token)])
         self._waiting.append(seq)
 
     def abort(self, seq_id: str) -> None:
@@ -224,8 +235,9 @@ class BatchEngine(abc.ABC):
         for seq, token in zip([*decoding, *prefilling], tokens):
             seq.tokens.append(token)
             done = len(seq.tokens) >= seq.max_tokens
-            if token == self.engine.eos_token_id or done:
-                reason = "stop" if token == self.engine.eos_token_id else "length"
+            stop = seq.sampler is not None and seq.sampler.stops(token)
+            if stop or done:
+                reason = "stop" if stop else "length"
                 self._retire(seq, outputs, token, reason)
             else:
                 outputs.append(StepOutput(seq.seq_id, token, False))
@@ -372,9 +384,9 @@ class SerialBatchEngine(BatchEngine):
         out: list[int] = []
         for seq in decoding:
             assert seq.cache is not None
-            out.append(self.engine.decode_step(seq.cache, seq.next_input, seq.sampling))
+            out.append(self.engine.decode_step(seq.cache, seq.next_input, seq.sampler))  # type: ignore[arg-type]
         for seq in prefilling:
-            seq.cache, token = self.engine.prefill(seq.prompt, seq.sampling)
+            seq.cache, token = self.engine.prefill(seq.prompt, seq.sampler)  # type: ignore[arg-type]
             out.append(token)
         return out
 
@@ -561,7 +573,7 @@ class PagedBatchEngine(BatchEngine):
         for seq, rows, row_logits in zip(seqs, inputs, logits):
             seq.num_cached += len(rows)
             # the token at position p is sampled with p's generator, as on the reference path
-            tokens.append(sample_token(row_logits, seq.sampling, position=seq.num_cached))
+            tokens.append(sample_token(row_logits, seq.sampler or seq.sampling, position=seq.num_cached))
         return tokens
 
 

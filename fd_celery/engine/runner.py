@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from fd_celery.engine.base import Engine, KVCache, SamplingParams
 from fd_celery.engine.batch import BatchConfig, BatchEngine, Capacity, batch_engine_for
+from fd_celery.engine.sampling import Sampler
 from fd_celery.errors import WorkerError
 
 __all__ = ["EngineRunner", "Sequence"]
@@ -109,14 +110,25 @@ class EngineRunner:
             raise WorkerError(f"prefill ended without its KV ({sequence.finish_reason})")
         return sequence.kv, tokens[0]
 
-    def decode(self, cache: KVCache, first_token: int, sampling: SamplingParams, max_tokens: int) -> Sequence:
+    def decode(
+        self,
+        cache: KVCache,
+        first_token: int,
+        sampling: SamplingParams,
+        max_tokens: int,
+        prompt_ids: Seq[int] = (),
+    ) -> Sequence:
         """Continue from ``cache`` (the prompt's, whose next token is ``first_token``): up to
-        ``max_tokens - 1`` more tokens (the first one is not yielded again)."""
-        if max_tokens <= 1 or first_token == self.engine.eos_token_id:
+        ``max_tokens - 1`` more tokens (the first one is not yielded again). ``prompt_ids``: the
+        prompt, for the repetition penalty."""
+        if max_tokens <= 1 or Sampler(sampling, (), self.engine.eos_token_id).stops(first_token):
             done = Sequence(None, "done")
             done._items.put(_End("length" if max_tokens <= 1 else "stop"))
             return done
-        return self._start(lambda batch, sid: batch.add_decode(sid, cache, first_token, sampling, max_tokens))
+        prompt = list(prompt_ids)
+        return self._start(
+            lambda batch, sid: batch.add_decode(sid, cache, first_token, sampling, max_tokens, prompt)
+        )
 
     def capacity(self) -> Capacity:
         """Room as of the last step (no lock: a snapshot the loop refreshes every step)."""

@@ -18,7 +18,16 @@ from fd_celery.errors import InvalidRequest, KVRefError
 from fd_celery.protocol import DecodeRequest, parse_decode_kwargs
 from fd_celery.settings import get_node_settings
 from fd_celery.streams import END_RETENTION_S
-from fd_celery.worker.run import Run, build_result, guarded, outcome, prompt_ids_of, seed_for, stream_tokens
+from fd_celery.worker.run import (
+    Run,
+    build_result,
+    guarded,
+    outcome,
+    prompt_ids_of,
+    sampling_for,
+    stops_of,
+    stream_tokens,
+)
 from fd_celery.worker.runner import runner_for
 
 if TYPE_CHECKING:
@@ -40,24 +49,25 @@ def run_decode(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dic
     skip = run.previous.seq + 1 if run.previous is not None else 1
 
     def work() -> dict[str, Any]:
-        from fd_celery.engine import SamplingParams, TextStreamer
+        from fd_celery.engine import TextStreamer
 
         runner = runner_for(task.app)
         engine = runner.engine
         request = decode.request
         ref = _resolve(run, decode)
         prompt_ids = prompt_ids_of(engine, request)
-        sampling = SamplingParams(request.temperature, seed_for(request, run.request_id))
+        sampling = sampling_for(request, run.request_id)
         cache = _load_cache(run, ref, runner, prompt_ids, sampling)
         run.out.chunk(TextStreamer(engine).push(ref.first_token), (ref.first_token,), write=False)
         streamer = TextStreamer(engine, emitted_ids=[ref.first_token])
         done = stream_tokens(
             engine,
             run.out,
-            runner.decode(cache, ref.first_token, sampling, request.max_tokens),
+            runner.decode(cache, ref.first_token, sampling, request.max_tokens, prompt_ids),
             streamer,
             skip,
             more_after_first=False,
+            stops=stops_of(engine, request),
         )
         if done.produced == 0:
             done.last_at = decode.first_token_at

@@ -17,7 +17,8 @@ from fd_celery.worker.run import (
     header_float,
     outcome,
     prompt_ids_of,
-    seed_for,
+    sampling_for,
+    stops_of,
     stream_tokens,
 )
 from fd_celery.worker.runner import runner_for
@@ -38,12 +39,12 @@ def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> d
                 if run.config.scheduler_name == "global"
                 else None
             )
-        from fd_celery.engine import SamplingParams, TextStreamer
+        from fd_celery.engine import TextStreamer
 
         runner = runner_for(task.app)
         engine = runner.engine
         prompt_ids = prompt_ids_of(engine, request)
-        sampling = SamplingParams(request.temperature, seed_for(request, run.request_id))
+        sampling = sampling_for(request, run.request_id)
         done = stream_tokens(
             engine,
             run.out,
@@ -51,6 +52,7 @@ def run_generate(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> d
             TextStreamer(engine),
             0,
             request.max_tokens > 1,
+            stops_of(engine, request),
         )
         submitted = header_float(task, "fd_submitted") or run.started
         result = build_result(

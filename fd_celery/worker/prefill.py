@@ -33,7 +33,8 @@ from fd_celery.worker.run import (
     header_float,
     outcome,
     prompt_ids_of,
-    seed_for,
+    sampling_for,
+    stops_of,
 )
 from fd_celery.worker.runner import runner_for
 
@@ -51,17 +52,17 @@ def run_prefill(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
     def work() -> dict[str, Any]:
         try:
             request = admitted(run, args, kwargs)
-            from fd_celery.engine import SamplingParams, TextStreamer
+            from fd_celery.engine import TextStreamer
 
             runner = runner_for(task.app)
             engine = runner.engine
             prompt_ids = prompt_ids_of(engine, request)
-            sampling = SamplingParams(request.temperature, seed_for(request, run.request_id))
+            sampling = sampling_for(request, run.request_id)
             cache, first = runner.prefill(prompt_ids, sampling)
         finally:
             _release_prefill_charge(run)
         first_at = time.time()
-        if first != engine.eos_token_id:
+        if first not in stops_of(engine, request):
             run.out.chunk(TextStreamer(engine).push(first), (first,))
             if request.max_tokens > 1:
                 run.out.flush()  # the first token reaches the caller before the hand-off
@@ -93,8 +94,9 @@ def _hand_off(
     first_at: float,
 ) -> dict[str, Any]:
     submitted = header_float(run.task, "fd_submitted") or run.started
-    if first == engine.eos_token_id or request.max_tokens == 1:  # nothing left to decode
-        done = Decoded("stop" if first == engine.eos_token_id else "length", first_at, first_at, 1)
+    stopped = first in stops_of(engine, request)
+    if stopped or request.max_tokens == 1:  # nothing left to decode
+        done = Decoded("stop" if stopped else "length", first_at, first_at, 1)
         result = build_result(run, request, engine, prompt_ids, (run.node,), submitted, first_at, done)
         return outcome(run.out.end({"result": result.to_dict()}, END_RETENTION_S))
     with redis_errors(run.config):

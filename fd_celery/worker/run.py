@@ -63,6 +63,8 @@ __all__ = [
     "admitted",
     "prompt_ids_of",
     "seed_for",
+    "sampling_for",
+    "stops_of",
     "stream_tokens",
     "build_result",
     "header_float",
@@ -278,6 +280,19 @@ def seed_for(request: GenerateRequest, request_id: str) -> int:
     return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") >> 1
 
 
+def sampling_for(request: GenerateRequest, request_id: str) -> Any:
+    """The engine's sampling parameters of a request (torch comes with them: workers only)."""
+    from fd_celery.engine import SamplingParams
+
+    return SamplingParams(request.temperature, seed_for(request, request_id), **request.sampling_kwargs())
+
+
+def stops_of(engine: Any, request: GenerateRequest) -> frozenset[int]:
+    """The tokens that end a request and are not part of its output."""
+    eos = () if request.ignore_eos or engine.eos_token_id is None else (engine.eos_token_id,)
+    return frozenset((*eos, *request.stop_token_ids))
+
+
 # --------------------------------------------------------------------------- token loop
 
 
@@ -290,17 +305,25 @@ class Decoded:
 
 
 def stream_tokens(
-    engine: Any, out: Output, tokens: Any, streamer: Any, skip: int, more_after_first: bool
+    engine: Any,
+    out: Output,
+    tokens: Any,
+    streamer: Any,
+    skip: int,
+    more_after_first: bool,
+    stops: frozenset[int] | None = None,
 ) -> Decoded:
     """Write each token of ``tokens`` as a chunk (the first ``skip`` were written by an earlier
     run); stop at end-of-sequence. The first chunk goes out at once when more will follow (a
     one-token request's chunk goes with its end instead)."""
     finish_reason, first_at, last_at, produced = "length", 0.0, 0.0, 0
+    if stops is None:
+        stops = frozenset(() if engine.eos_token_id is None else (engine.eos_token_id,))
     try:
         for token in tokens:
             last_at = time.time()
             first_at = first_at or last_at
-            if token == engine.eos_token_id:
+            if token in stops:
                 finish_reason = "stop"
                 break
             out.chunk(streamer.push(token), (token,), write=out.seq >= skip)
