@@ -136,7 +136,11 @@ def test_worker_serves_after_submit_rejections(client):
 SEND_TASK_CASES = [
     ("no-max-tokens", {"prompt": "hello"}, "max_tokens is required"),
     ("unknown-field", {"prompt": "hello", "max_tokens": 4, "bogus": 1}, "bogus"),
-    ("unknown-fields", {"prompt": "hello", "max_tokens": 4, "stream": True, "top_p": 0.9}, "top_p"),
+    (
+        "unknown-fields",
+        {"prompt": "hello", "max_tokens": 4, "stream": True, "best_of": 2},
+        "['best_of', 'stream']",
+    ),
     ("request-id-field", {"prompt": "hello", "max_tokens": 4, "request_id": "x"}, "request_id"),
     ("no-kwargs", {}, "exactly one of prompt and token_ids"),
     ("prompt-none-ids-none", {"prompt": None, "token_ids": None, "max_tokens": 4}, "exactly one"),
@@ -176,7 +180,7 @@ def test_positional_args_refused_at_send(offline_app: Celery, redis_server, args
     "keywords,named",
     [
         ({"max_token": 4}, "'max_token'"),
-        ({"max_tokens": 4, "stream": True, "top_p": 0.9}, "'stream', 'top_p'"),
+        ({"max_tokens": 4, "stream": True, "best_of": 2}, "'best_of', 'stream'"),
     ],
 )
 def test_submit_with_an_unknown_keyword_is_an_invalid_request(offline_client, keywords, named):
