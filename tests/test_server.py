@@ -130,11 +130,13 @@ def test_no_live_node_is_503_and_health_says_so(offline):
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
-        ("/v1/completions", {"top_p": 0.5}, "top_p"),
-        ("/v1/completions", {"top_k": 40}, "top_k"),
-        ("/v1/completions", {"presence_penalty": 0.3}, "presence_penalty"),
+        ("/v1/completions", {"top_p": 1.5}, "top_p"),
+        ("/v1/completions", {"top_k": "forty"}, "top_k"),
+        ("/v1/completions", {"presence_penalty": 9}, "presence_penalty"),
+        ("/v1/completions", {"seed": -1}, "seed"),
         ("/v1/completions", {"stop": ["\n"]}, "stop"),
         ("/v1/completions", {"logprobs": 2}, "logprobs"),
+        ("/v1/completions", {"logit_bias": {"65": 10}}, "logit_bias"),
         ("/v1/completions", {"n": 2}, "n"),
         ("/v1/completions", {"best_of": 3}, "best_of"),
         ("/v1/completions", {"echo": True}, "echo"),
@@ -191,8 +193,8 @@ def test_neutral_values_of_unsupported_fields_are_accepted(offline):
 
 
 def test_the_openai_client_sees_a_bad_request_error(offline):
-    with pytest.raises(openai.BadRequestError, match="top_p=0.2 is not supported by this cluster yet"):
-        offline.openai().completions.create(model="fd-tiny", prompt="hi", max_tokens=4, top_p=0.2)
+    with pytest.raises(openai.BadRequestError, match=r"stop=\['x'\] is not supported by this cluster yet"):
+        offline.openai().completions.create(model="fd-tiny", prompt="hi", max_tokens=4, stop=["x"])
 
 
 def test_a_body_over_the_limit_is_413_and_bad_json_400(offline):
@@ -275,6 +277,24 @@ def test_completions_give_client_submit_tokens_streamed_or_not(server, api, app)
         model="fd-tiny", prompt=[256, *prompt.encode()], max_tokens=12, temperature=0.8, seed=seed
     )
     assert ids.choices[0].text == direct.text
+
+
+def test_sampling_fields_reach_the_engine_as_client_submit_keywords(server, api, app):
+    sampling = {"top_p": 0.9, "top_k": 20, "presence_penalty": 0.5, "repetition_penalty": 1.2}
+    with fd_celery.Client(app) as client:
+        handle = client.submit("Sampling", max_tokens=12, temperature=0.9, seed=5, **sampling)
+        direct = handle.result(timeout=60)
+    answer = api.completions.create(
+        model="fd-tiny",
+        prompt="Sampling",
+        max_tokens=12,
+        temperature=0.9,
+        seed=5,
+        top_p=0.9,
+        presence_penalty=0.5,
+        extra_body={"top_k": 20, "repetition_penalty": 1.2},
+    )
+    assert answer.choices[0].text == direct.text
 
 
 def test_chat_uses_the_plain_template_and_gives_client_submit_tokens(server, api, app):
@@ -430,13 +450,44 @@ def _outcome(call: Any) -> Any:
         return exc
 
 
-def test_a_client_that_leaves_gets_its_waiting_request_revoked(redis_server, slow_topic):
-    """Revoking reaches a request that has not started: it never runs (its stream never gets an
-    entry), and the node goes on to the next. (A running request runs to its end: fd_celery
-    has no cancel path into a running engine loop yet.)"""
+def _stream_end(redis_server: RedisServer, topic: str, request_id: str) -> dict[str, Any] | None:
+    from fd_celery.streams import last_entry
+
+    entry = last_entry(redis_server.client(), keys.output_stream(topic, request_id))
+    return entry.data["result"] if entry is not None and entry.end else None
+
+
+def test_a_client_that_leaves_mid_stream_cancels_its_request(redis_server, slow_topic):
+    """The node stops within a step: the stream ends "cancelled" with what was streamed, long
+    before the 1000 tokens it asked for, and the node takes the next request at once."""
+    model = f"bench-sleep:{SLOW_MS_PER_TOKEN}"
+    with serving(redis_server, slow_topic) as server:
+        body = {"model": model, "prompt": "leaving", "max_tokens": 1000, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
+            request_id = response.headers["x-request-id"]
+            lines = response.iter_lines()
+            wait_until(lambda: next(lines).startswith("data: {"), 30, "a token")
+        left_at = time.monotonic()
+        end = wait_until(lambda: _stream_end(redis_server, slow_topic, request_id), 10, "the stream's end")
+        assert end["finish_reason"] == "cancelled" and 1 <= len(end["token_ids"]) < 1000
+        after = server.openai().completions.create(model=model, prompt="after", max_tokens=2)
+        assert after.choices[0].text
+        # 1000 tokens would take 20 s; the node was free again within a few steps
+        assert time.monotonic() - left_at < 10
+        assert server.metric("fd_server_cancelled_total") == 1
+
+
+def test_a_client_that_leaves_before_its_request_starts_cancels_it(redis_server, slow_topic):
+    """A request still queued when its client leaves never runs: its stream ends "cancelled"
+    with no token, and the node goes from the running request to the one after."""
     model = f"bench-sleep:{SLOW_MS_PER_TOKEN}"
     with serving(redis_server, slow_topic) as server:
         _stream_in_background(server, {"model": model, "prompt": "long", "max_tokens": 60})
+
+        def streams() -> set[str]:
+            return {k.decode() for k in redis_server.client().keys(f"fd:{slow_topic}:out:*")}
+
+        before = streams()  # (the running request's, and those of earlier tests)
 
         async def leave() -> None:
             body = {"model": model, "prompt": "leaving", "max_tokens": 5, "stream": True}
@@ -450,18 +501,15 @@ def test_a_client_that_leaves_gets_its_waiting_request_revoked(redis_server, slo
                 with contextlib.suppress(asyncio.CancelledError):
                     await response_task
 
-        def streams() -> set[str]:
-            return {k.decode() for k in redis_server.client().keys(f"fd:{slow_topic}:out:*")}
-
-        before = streams()  # (the running request's, and those of earlier tests)
         asyncio.run(leave())
-        wait_until(lambda: server.metric("fd_server_cancelled_total") == 1, 10, "the server to revoke")
+        wait_until(lambda: server.metric("fd_server_cancelled_total") == 1, 10, "the server to cancel")
         after = server.openai().completions.create(model=model, prompt="after", max_tokens=2)
         assert after.choices[0].text
-        # the node went from the running request to the one after: the one whose client left
-        # never ran (it would have an output stream)
-        after_id = after.id.removeprefix("cmpl-")
-        assert streams() - before == {keys.output_stream(slow_topic, after_id)}
+        new = streams() - before - {keys.output_stream(slow_topic, after.id.removeprefix("cmpl-"))}
+        assert len(new) == 1, new
+        left_id = new.pop().rsplit(":", 1)[1]
+        end = _stream_end(redis_server, slow_topic, left_id)
+        assert end is not None and end["finish_reason"] == "cancelled" and end["token_ids"] == []
 
 
 # --------------------------------------------------------------------------- failures

@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from celery import Celery, states
 
 from fd_celery import keys
-from fd_celery.client.sync import EXPIRY_GRACE_S, Client, _as_fd_error
+from fd_celery.client.sync import EXPIRY_GRACE_S, Client, RequestHandle, _as_fd_error
 from fd_celery.connection import BLOCK_MS, CONNECT_TIMEOUT_S, SOCKET_TIMEOUT_S, redis_errors
 from fd_celery.errors import (
     BrokerUnavailable,
@@ -129,46 +129,29 @@ class AsyncClient:
         self,
         prompt: str | None = None,
         *,
-        token_ids: list[int] | None = None,
-        max_tokens: int,
-        temperature: float = 0.0,
-        seed: int | None = None,
+        max_tokens: int | None = None,
         request_id: str | None = None,
-        node: str | None = None,
-        priority: int | None = None,
+        **options: Any,
     ) -> AsyncRequestHandle:
-        """Send one request (``Client.submit``'s arguments and errors); returns its handle."""
+        """Send one request: ``Client.submit``'s arguments (``token_ids``, ``temperature``,
+        ``seed``, ``top_p`` ...) and errors; returns its handle."""
         self._check_open("submit requests")
         request_id = request_id if request_id is not None else str(uuid.uuid4())
         call = functools.partial(
-            self._sync.submit,
-            prompt,
-            token_ids=token_ids,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            seed=seed,
-            request_id=request_id,
-            node=node,
-            priority=priority,
+            self._sync.submit, prompt, max_tokens=max_tokens, request_id=request_id, **options
         )
         submitted = time.time()
         handle = await asyncio.get_running_loop().run_in_executor(self._executor, call)
-        return AsyncRequestHandle(self, handle.request_id, deadline=submitted + self.config.ttl_s)
-
-    async def revoke(self, request_id: str) -> None:
-        """Ask every node not to start ``request_id`` (Celery's ``revoke``). A node that has
-        already started it finishes it: fd_celery has no way yet to stop a running request."""
-        self._check_open("revoke requests")
-        call = functools.partial(self.app.control.revoke, request_id)
-        await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return AsyncRequestHandle(self, handle, deadline=submitted + self.config.ttl_s)
 
 
 class AsyncRequestHandle:
     """One submitted request: ``stream()`` yields its output, ``result()`` waits for the end."""
 
-    def __init__(self, client: AsyncClient, request_id: str, deadline: float) -> None:
+    def __init__(self, client: AsyncClient, handle: RequestHandle, deadline: float) -> None:
         self._client = client
-        self.request_id = request_id
+        self._sync = handle
+        self.request_id = request_id = handle.request_id
         self._deadline = deadline
         self._final: dict[str, Any] | None = None
         self._key = keys.output_stream(client.config.scheduler_topic, request_id)
@@ -191,9 +174,13 @@ class AsyncRequestHandle:
         assert self._final is not None
         return GenerationResult.from_dict(self._final)
 
-    async def cancel(self) -> None:
-        """Revoke the request (see :meth:`AsyncClient.revoke` for what that reaches)."""
-        await self._client.revoke(self.request_id)
+    async def cancel(self) -> bool:
+        """``RequestHandle.cancel``: stop the request wherever it is (queued, or running: its
+        node stops within a step and frees its KV); its stream ends as ``cancelled``. True if
+        this call cancelled it, False if it had already ended."""
+        self._client._check_open(f"cancel request {self.request_id}")
+        loop = asyncio.get_running_loop()
+        return bool(await loop.run_in_executor(self._client._executor, self._sync.cancel))
 
     async def _follow(self, timeout: float | None, chunks: bool) -> AsyncIterator[OutputChunk]:
         client = self._client

@@ -12,7 +12,8 @@ key needed), ``GET /metrics`` (Prometheus).
 A streamed request answers its status only once its first output (or its error) is known, so an
 expired, refused or invalid request gets its HTTP status, not a 200 followed by an error event;
 a failure after that ends the stream with an error event and ``[DONE]``. A client that goes away
-before the end has its request revoked (see :meth:`AsyncClient.revoke` for what that reaches).
+before the end has its request cancelled (``RequestHandle.cancel``): queued, it never starts;
+running, its node stops within a step and frees its KV.
 Request content never reaches the logs.
 """
 
@@ -37,7 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fd_celery.client.aio import AsyncClient, AsyncRequestHandle
 from fd_celery.errors import FDCeleryError
-from fd_celery.protocol import OutputChunk
+from fd_celery.protocol import OutputChunk, parse_request
 from fd_celery.server.chat import render_chat
 from fd_celery.server.cluster import ClusterView
 from fd_celery.server.metrics import ServerMetrics
@@ -133,20 +134,23 @@ class _Server:
         except ClientGone:
             status = 499  # (nginx's "client closed request": nobody reads this answer)
             if handle is not None:
-                self._revoke_later(handle)
+                self._cancel_later(handle)
             return Response(status_code=status)
         finally:
             if not handed_off:
                 self.metrics.closed(endpoint, status)
 
     async def _submit(self, parsed: ParsedRequest) -> AsyncRequestHandle:
-        placement = await self.view().place(parsed.model)
         prompt, token_ids = parsed.prompt, parsed.token_ids
         if parsed.messages is not None:
             if os.path.isdir(os.path.expanduser(parsed.model)):  # loads a tokenizer: off the loop
                 prompt, token_ids = await asyncio.to_thread(render_chat, parsed.model, parsed.messages)
             else:
                 prompt, token_ids = render_chat(parsed.model, parsed.messages)
+        # The router's own checks first: a bad value is a 400 even when no node is live
+        fields = {"prompt": prompt, "token_ids": token_ids, **parsed.submit}
+        parse_request({k: v for k, v in fields.items() if v is not None})
+        placement = await self.view().place(parsed.model)
         return await self.client.submit(prompt, token_ids=token_ids, node=placement.node, **parsed.submit)
 
     async def _sse(
@@ -181,21 +185,21 @@ class _Server:
         finally:
             if not ended:  # the client went away mid-stream (the generator was cancelled or closed)
                 status = 499
-                self._revoke_later(handle)
+                self._cancel_later(handle)
             self.metrics.closed(endpoint, status)
 
-    def _revoke_later(self, handle: AsyncRequestHandle) -> None:
-        """Revoke off the cancelled request's path (its task may not await any more)."""
+    def _cancel_later(self, handle: AsyncRequestHandle) -> None:
+        """Cancel the request off the abandoned response's path (its task may not await any more)."""
         self.metrics.cancelled += 1
-        task = asyncio.get_running_loop().create_task(self._revoke(handle))
+        task = asyncio.get_running_loop().create_task(self._cancel(handle))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _revoke(self, handle: AsyncRequestHandle) -> None:
+    async def _cancel(self, handle: AsyncRequestHandle) -> None:
         try:
             await handle.cancel()
         except Exception as exc:  # noqa: BLE001 - nobody is left to tell; the TTL still bounds it
-            log.warning("could not revoke request %s: %s", handle.request_id, type(exc).__name__)
+            log.warning("could not cancel request %s: %s", handle.request_id, type(exc).__name__)
 
     async def _json(self, request: Request) -> Any:
         limit = self.settings.max_body_bytes

@@ -9,7 +9,7 @@ metric                                 type       labels               meaning
 ``fd_server_requests_total``           counter    endpoint, status     requests answered
 ``fd_server_requests_in_flight``       gauge      endpoint             requests open now
 ``fd_server_requests_in_flight_peak``  gauge                           most open at once since start
-``fd_server_cancelled_total``          counter                         requests revoked: the client
+``fd_server_cancelled_total``          counter                         requests cancelled: the client
                                                                        left before the end
 ``fd_server_time_to_first_byte_s``     histogram  endpoint             request received → first
                                                                        output written
@@ -67,7 +67,7 @@ class ServerMetrics:
             "# HELP fd_server_requests_in_flight_peak Most requests open at once since the server started.",
             "# TYPE fd_server_requests_in_flight_peak gauge",
             f"fd_server_requests_in_flight_peak {self.peak}",
-            "# HELP fd_server_cancelled_total Requests revoked because their client left before the end.",
+            "# HELP fd_server_cancelled_total Requests cancelled because their client left before the end.",
             "# TYPE fd_server_cancelled_total counter",
             f"fd_server_cancelled_total {self.cancelled}",
             "# HELP fd_server_time_to_first_byte_s Request received to first output written.",

@@ -19,6 +19,7 @@ fd_celery error        status  why
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -30,7 +31,7 @@ from fd_celery.errors import (
     QueueFull,
     RequestExpired,
 )
-from fd_celery.protocol import GenerationResult
+from fd_celery.protocol import SAMPLING_FIELDS, GenerationResult
 from fd_celery.server.schema import ApiError
 
 __all__ = ["api_error", "completion_body", "chat_body", "Chunks", "sse", "SSE_DONE", "RETRY_AFTER_S"]
@@ -47,7 +48,8 @@ _STATUS: list[tuple[type[FDCeleryError], int, str, str]] = [
     (RequestExpired, 504, "timeout", "request_expired"),
 ]
 
-_PARAMS = ("max_tokens", "temperature", "seed", "prompt", "token_ids")
+REQUEST_FIELDS = frozenset({"prompt", "token_ids", "max_tokens", "temperature", "seed", *SAMPLING_FIELDS})
+_FIELD_FIRST = re.compile(r"([a-z_]+)(?:=|\[| must| is| has)")
 
 
 def api_error(exc: FDCeleryError) -> ApiError:
@@ -58,8 +60,9 @@ def api_error(exc: FDCeleryError) -> ApiError:
             status, type_, code = s, t, c
             break
     param = None
-    if status == 400:  # the checks name the field first: "max_tokens=0 is out of range"
-        param = next((p for p in _PARAMS if exc.message.startswith(p)), None)
+    if status == 400:  # the checks name the field first: "top_p=1.5 is out of range"
+        named = _FIELD_FIRST.match(exc.message)
+        param = named.group(1) if named and named.group(1) in REQUEST_FIELDS else None
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
     return ApiError(status, exc.message, type=type_, param=param, code=code, headers=headers)
 

@@ -71,18 +71,19 @@ class Param:
 SAMPLING: dict[str, Param] = {
     "temperature": Param("temperature"),
     "seed": Param("seed"),
-    "top_p": Param(None, neutral=(1, 1.0)),
-    "top_k": Param(None, neutral=(-1, 0)),
-    "min_p": Param(None, neutral=(0, 0.0)),
-    "presence_penalty": Param(None, neutral=(0, 0.0)),
-    "frequency_penalty": Param(None, neutral=(0, 0.0)),
-    "repetition_penalty": Param(None, neutral=(1, 1.0)),
+    "top_p": Param("top_p"),
+    "top_k": Param("top_k"),
+    "min_p": Param("min_p"),
+    "presence_penalty": Param("presence_penalty"),
+    "frequency_penalty": Param("frequency_penalty"),
+    "repetition_penalty": Param("repetition_penalty"),
+    "min_tokens": Param("min_tokens"),
+    "ignore_eos": Param("ignore_eos"),
+    "stop_token_ids": Param("stop_token_ids"),
     "stop": Param(None, neutral=(None, [])),
     "logprobs": Param(None, neutral=(None, False)),
     "top_logprobs": Param(None, neutral=(None, 0)),
     "logit_bias": Param(None, neutral=(None, {})),
-    "ignore_eos": Param(None, neutral=(False,)),
-    "min_tokens": Param(None, neutral=(0,)),
 }
 
 #: Fields that ask for more than one answer per request, or for server-side features we lack.
@@ -155,8 +156,7 @@ def _sampling(body: Mapping[str, Any]) -> dict[str, Any]:
         if not _is_neutral(value, param.neutral):
             raise bad_field(
                 name,
-                f"{name}={value!r} is not supported by this cluster yet (its engine samples with "
-                f"temperature and seed only)",
+                f"{name}={value!r} is not supported by this cluster yet",
                 code="unsupported_parameter",
             )
     return out
