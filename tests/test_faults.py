@@ -35,7 +35,7 @@ from fd_celery.local_cluster import LocalCluster, RedisServer, WorkerProcess, fr
 from fd_celery.observability import metrics
 from fd_celery.protocol import GenerationResult, OutputChunk
 from fd_celery.scheduler import recovery
-from tests.conftest import reference_tokens, run_topic
+from tests.conftest import reference_tokens, run_topic, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -696,4 +696,37 @@ def test_steal_storm(redis_server):
             stolen=stolen,
             served_by={k.split("@")[0]: v for k, v in served.items()},
             steals={k.split("@")[0] + ":" + k.rsplit(":", 1)[1]: v for k, v in steals.items()},
+        )
+
+
+def test_kill9_batching_node_with_many_requests_in_flight(redis_server, engine):
+    """kill -9 of a thread-pool node that decodes many requests in one batch: every request (in
+    flight or still queued on it) completes exactly once on the other node, tokens exact."""
+    topic = f"fkb-{uuid.uuid4().hex[:6]}"
+    env = {"FD_SCHEDULER_TOPIC": topic, "FD_SCHEDULER_NAME": "global", "FD_MAX_NUM_SEQS": "16"}
+    with LocalCluster(redis_server, env=env) as cluster:
+        a = cluster.add_worker("a", pool="threads", concurrency=16)
+        b = cluster.add_worker("b", pool="threads", concurrency=16)
+        cluster.wait_live([a.node, b.node], topic=topic)
+        client = _client(redis_server.port, topic, scheduler_name="global")
+        specs = [Spec(f"batched, then killed {i}", 150, 0.8, i, a.node) for i in range(16)]
+        outcomes = _submit(client, specs)
+
+        def batch_running() -> bool:
+            replies = client.app.control.inspect(destination=[a.node], timeout=5).stats() or {}
+            running = (replies.get(a.node, {}).get("fd", {}).get("engine") or {}).get("running", 0)
+            return running >= 8
+
+        wait_until(batch_running, 60, "node a decoding a batch of at least 8")
+        _wait_running_on(client, redis_server.client(), topic, outcomes, a.node, min_entries=3)
+        recovered_s, figures = _kill_and_follow(a, redis_server.client(), topic, engine, outcomes)
+        assert not a.alive()
+        assert figures["completed"] == len(specs), f"requests failed: {figures}"
+        assert any(o.result is not None and o.result.served_by[0] == b.node for o in outcomes)
+        _report(
+            "kill -9 batching node",
+            faults=1,
+            in_flight=len(specs),
+            recovered_s=round(recovered_s, 1),
+            **figures,
         )

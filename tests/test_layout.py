@@ -16,7 +16,15 @@ import fd_celery
 PACKAGE = pathlib.Path(fd_celery.__file__).parent
 
 #: The outer layer: what builds apps and runs commands. It may import anything.
-OUTER = ("fd_celery", "fd_celery.app", "fd_celery.cli", "fd_celery.bench", "fd_celery.local_cluster")
+# (fd_celery.server.cli: the `fd-celery serve` command, which installs its app like the others)
+OUTER = (
+    "fd_celery",
+    "fd_celery.app",
+    "fd_celery.cli",
+    "fd_celery.bench",
+    "fd_celery.local_cluster",
+    "fd_celery.server.cli",
+)
 #: Modules every other part may import, which import none but each other.
 LEAVES = (
     "fd_celery.errors",

@@ -146,6 +146,14 @@ class Sampler:
         if eos_token_id is not None and not params.ignore_eos:
             self._stops.add(int(eos_token_id))
 
+    @property
+    def seed(self) -> int:
+        return self.params.seed
+
+    @property
+    def temperature(self) -> float:
+        return self.params.temperature
+
     def stops(self, token: int) -> bool:
         """Whether ``token`` ends the sequence (end-of-sequence, or one of ``stop_token_ids``)."""
         return token in self._stops
