@@ -558,8 +558,13 @@ class PagedBatchEngine(BatchEngine):
 
     def _import(self, seq: _Seq) -> None:
         assert seq.imported is not None
-        self.pool.store(seq.blocks, seq.imported)
-        seq.num_cached, seq.imported = seq.imported.num_tokens, None
+        cache = seq.imported
+        self.pool.store(seq.blocks, cache)
+        seq.num_cached, seq.imported = cache.num_tokens, None
+        # The cache is consumed: its tensors (often views of a KV blob's shared memory) go now,
+        # whoever still holds the KVCache, so the blob's file goes back to its writer at once.
+        cache.keys.clear()
+        cache.values.clear()
 
     def _export(self, seq: _Seq) -> KVCache:
         return self.pool.load(seq.blocks, seq.num_cached)
