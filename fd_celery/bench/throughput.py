@@ -225,6 +225,19 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
+def cpu_s(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) that ``pids`` have used, all their threads."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass  # (it ended between listing and reading)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pids: Sequence[int]) -> int:
     return sum(_proc_kib(f"/proc/{pid}/status", "VmRSS:") for pid in pids)
 
@@ -329,6 +342,7 @@ def _engine_main() -> None:
         ),
     )
     prompt_tokens, max_tokens = spec["prompt_tokens"], spec["max_tokens"]
+    eos = runner.engine.eos_token_id
 
     def start(index: int) -> tuple[Iterator[Sequence[int]], Callable[[], Sequence[int]]]:
         request = request_of(index, prompt_tokens)
@@ -341,6 +355,8 @@ def _engine_main() -> None:
 
         def chunks() -> Iterator[Sequence[int]]:
             for token in sequence:
+                if token == eos:  # (a node's output stops before it, as here)
+                    break
                 tokens.append(token)
                 yield (token,)
 
@@ -608,6 +624,7 @@ def _run_levels(
     results: _Results,
 ) -> None:
     # All three start at once (start-up is not measured), then each waits, paused, for its turn.
+    redis_pid = cluster.redis.process.pid
     systems.append(EngineSystem(spec, batch, levels))
     old_env = {"FD_MAX_NUM_SEQS": "1", "FD_KV_CACHE_BYTES": str(old_kv)}
     systems.append(NodeSystem(cluster, "old", "prefork", OLD_POOL_PROCESSES, old_env, spec, old_levels))
@@ -627,7 +644,15 @@ def _run_levels(
                 continue
             system.resume()
             memory.watch(system.pgid)
+            cpu_before = (cpu_s(group_pids(system.pgid)), cpu_s([redis_pid]), time.process_time())
             done, wall, extra = system.run_level(concurrency, num)
+            cpu_after = (cpu_s(group_pids(system.pgid)), cpu_s([redis_pid]), time.process_time())
+            # Where the CPU went: the system's processes, Redis, and this process (the clients
+            # of (b) and (c): following 64 streams costs CPU on the same cores).
+            extra["cpu_s"] = {
+                part: after - before
+                for part, before, after in zip(("system", "redis", "bench_client"), cpu_before, cpu_after)
+            }
             summary = results.add(system, concurrency, done, wall, extra, memory.take_peak())
             system.pause()
             click.echo(
@@ -712,11 +737,16 @@ def _report(
         level = results.get(name, {}).get(c)
         return level["rss_mib"] if level else None
 
+    def cpu(name: str, c: int) -> float | None:
+        level = results.get(name, {}).get(c)
+        return _cpu_per_token_ms(level) if level else None
+
     ratios = {
         str(c): {
             "node_vs_engine": _ratio(tps("node", c), tps("engine", c)),
             "node_vs_old": _ratio(tps("node", c), tps("old", c)),
             "node_rss_vs_old": _ratio(rss("node", c), rss("old", c)),
+            "node_cpu_per_token_vs_engine": _ratio(cpu("node", c), cpu("engine", c)),
         }
         for c in levels
     }
@@ -762,7 +792,7 @@ def _print(report: dict[str, Any], levels: list[int]) -> None:
     click.echo("")
     click.echo(
         f"{'conc':>4}  {'system':22} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
-        f"{'ITL p50':>8} {'ITL p99':>8} {'RSS MiB':>8}"
+        f"{'ITL p50':>8} {'ITL p99':>8} {'RSS MiB':>8} {'CPU/token':>9}"
     )
     for c in levels:
         for name in SYSTEMS:
@@ -773,15 +803,19 @@ def _print(report: dict[str, Any], levels: list[int]) -> None:
             click.echo(
                 f"{c:>4}  {LABELS[name]:22} {level['tokens_per_s']:9.1f} {level['ttft_ms']['p50']:9.0f} "
                 f"{level['ttft_ms']['p99']:9.0f} {level['itl_ms']['p50']:8.1f} {level['itl_ms']['p99']:8.1f} "
-                f"{level['rss_mib']:8.0f}"
+                f"{level['rss_mib']:8.0f} {_cpu_per_token_ms(level):9.1f}"
             )
-    click.echo("(TTFT and ITL in ms; RSS: peak of the node's processes summed)")
+    click.echo(
+        "(TTFT, ITL and CPU/token in ms; RSS: peak of the node's processes summed; CPU/token: CPU "
+        "time of the node's processes per output token, Redis and the clients not counted)"
+    )
     click.echo("")
-    click.echo(f"{'conc':>4}  {'c/a tokens/s':>12} {'c/b tokens/s':>12} {'c/b RSS':>8}")
+    click.echo(f"{'conc':>4}  {'c/a tokens/s':>12} {'c/b tokens/s':>12} {'c/b RSS':>8} {'c/a CPU/token':>13}")
     for c in levels:
         r = report["ratios"][str(c)]
         click.echo(
-            f"{c:>4}  {_fmt(r['node_vs_engine']):>12} {_fmt(r['node_vs_old']):>12} {_fmt(r['node_rss_vs_old']):>8}"
+            f"{c:>4}  {_fmt(r['node_vs_engine']):>12} {_fmt(r['node_vs_old']):>12} {_fmt(r['node_rss_vs_old']):>8} "
+            f"{_fmt(r['node_cpu_per_token_vs_engine']):>13}"
         )
     targets = report["targets"]
     if "node_vs_engine" in targets:
@@ -808,6 +842,11 @@ def _print(report: dict[str, Any], levels: list[int]) -> None:
         f"token exactness against (a): {len(report['mismatches'])} mismatches; "
         f"{len(report['failed_requests'])} failed requests"
     )
+
+
+def _cpu_per_token_ms(level: dict[str, Any]) -> float:
+    tokens = level["output_tokens"]
+    return 1000 * level["cpu_s"]["system"] / tokens if tokens else math.nan
 
 
 def _met(ok: bool) -> str:
