@@ -407,8 +407,10 @@ class KVPool:
         device: torch.device,
     ) -> None:
         shape = (num_kv_heads, num_blocks, block_size, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Uninitialised: a block is written before it is read, and on the CPU the pages of blocks
+        # never used are never touched (a one-request prefork child does not pay for the pool).
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
 
     @staticmethod
