@@ -168,7 +168,9 @@ def _sampling(kwargs: Mapping[str, Any]) -> dict[str, Any]:
         "min_p": lambda v: _number("min_p", v, 0.0, 1.0),
         "presence_penalty": lambda v: _number("presence_penalty", v, -2.0, 2.0),
         "frequency_penalty": lambda v: _number("frequency_penalty", v, -2.0, 2.0),
-        "repetition_penalty": lambda v: _number("repetition_penalty", v, 0.0, MAX_REPETITION_PENALTY, low_open=True),
+        "repetition_penalty": lambda v: _number(
+            "repetition_penalty", v, 0.0, MAX_REPETITION_PENALTY, low_open=True
+        ),
         "min_tokens": lambda v: _int("min_tokens", v, 0, MAX_TOKENS_LIMIT),
         "ignore_eos": lambda v: _flag("ignore_eos", v),
         "stop_token_ids": _stop_token_ids,
