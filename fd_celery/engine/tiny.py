@@ -385,12 +385,8 @@ class TinyLlamaEngine(Engine):
     ) -> torch.Tensor:
         cfg = self.config
         rows, hd = h.shape[0], cfg.head_dim
-        q, k, v = _linear(h, layer.wqkv).split(
-            [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=-1
-        )
-        q = _apply_rope(q.view(rows, cfg.n_heads, hd).transpose(0, 1), cos, sin)
-        k = _apply_rope(k.view(rows, cfg.n_kv_heads, hd).transpose(0, 1), cos, sin)
-        pool.write(index, slots, k, v.view(rows, cfg.n_kv_heads, hd).transpose(0, 1))
+        q, k, v = self._qkv(h, layer, cos, sin)
+        pool.write(index, slots, k, v)
         outs = []
         for row, n, total, first_block in spans:  # (its rows, the tokens it holds, its blocks)
             keys, values = pool.view(index, first_block, total)
@@ -428,6 +424,19 @@ class TinyLlamaEngine(Engine):
         h = _rms_norm(x[-1:], w.final_norm, cfg.norm_eps)
         return (_linear(h, w.lm_head) + self._bias)[0]
 
+    def _qkv(
+        self, h: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys (both rotated) and values of rows ``h``: ``[heads, rows, head_dim]``."""
+        cfg = self.config
+        n, hd = h.shape[0], cfg.head_dim
+        q, k, v = _linear(h, layer.wqkv).split(
+            [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=-1
+        )
+        q = _apply_rope(q.view(n, cfg.n_heads, hd).transpose(0, 1), cos, sin)
+        k = _apply_rope(k.view(n, cfg.n_kv_heads, hd).transpose(0, 1), cos, sin)
+        return q, k, v.view(n, cfg.n_kv_heads, hd).transpose(0, 1)
+
     def _attention(
         self,
         h: torch.Tensor,
@@ -439,12 +448,7 @@ class TinyLlamaEngine(Engine):
     ) -> torch.Tensor:
         cfg = self.config
         n, hd = h.shape[0], cfg.head_dim
-        q, k, v = _linear(h, layer.wqkv).split(
-            [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd], dim=-1
-        )
-        q = _apply_rope(q.view(n, cfg.n_heads, hd).transpose(0, 1), cos, sin)
-        k = _apply_rope(k.view(n, cfg.n_kv_heads, hd).transpose(0, 1), cos, sin)
-        v = v.view(n, cfg.n_kv_heads, hd).transpose(0, 1)
+        q, k, v = self._qkv(h, layer, cos, sin)
         if index < cache.num_layers:  # decode: append one token
             k = torch.cat((cache.keys[index], k), dim=1)
             v = torch.cat((cache.values[index], v), dim=1)
