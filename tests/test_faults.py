@@ -290,7 +290,7 @@ def test_kill9_global_node_mid_request(redis_server, engine):
 
 def test_kill9_before_the_node_listed_its_request(redis_server, engine):
     """A node killed after it received a request but before its heartbeat listed it as held
-    (here its beats are 6 s apart and it dies within the first): the request is not left to the
+    (here its beats are 15 s apart and it dies within the first): the request is not left to the
     broker's visibility timeout (scheduler_ttl + 1 h) but found in kombu's unacked messages of the
     dead node's own queue, and finished elsewhere, exactly once."""
     topic = f"fku-{uuid.uuid4().hex[:6]}"
@@ -299,8 +299,8 @@ def test_kill9_before_the_node_listed_its_request(redis_server, engine):
         topic,
         {"a": {}, "b": {}},
         FD_SCHEDULER_NAME="global",
-        FD_SCHEDULER_SYNC_PERIOD="6000",
-        FD_SCHEDULER_EXPIRE_PERIOD="8000",
+        FD_SCHEDULER_SYNC_PERIOD="15000",
+        FD_SCHEDULER_EXPIRE_PERIOD="18000",
     ) as cluster:
         a, b = _worker(cluster, "a"), _worker(cluster, "b")
         r = redis_server.client()
@@ -308,8 +308,8 @@ def test_kill9_before_the_node_listed_its_request(redis_server, engine):
             redis_server.port,
             topic,
             scheduler_name="global",
-            scheduler_sync_period=6000,
-            scheduler_expire_period=8000,
+            scheduler_sync_period=15000,
+            scheduler_expire_period=18000,
         )
         outcomes = _submit(client, [Spec("die before listing it", 200, 0.8, 3, a.node)])
         victim = _wait_running_on(client, r, topic, outcomes, a.node, min_entries=1)
