@@ -126,8 +126,13 @@ class EngineRunner:
             done._items.put(_End("length" if max_tokens <= 1 else "stop"))
             return done
         prompt = list(prompt_ids)
+        # Our own copy, made here in the task's thread: the handed-over tensors are often views of
+        # a KV blob's shared memory, whose file goes back to its writer once they are gone.
+        own = KVCache(keys=[k.clone() for k in cache.keys], values=[v.clone() for v in cache.values])
+        cache.keys.clear()
+        cache.values.clear()
         return self._start(
-            lambda batch, sid: batch.add_decode(sid, cache, first_token, sampling, max_tokens, prompt)
+            lambda batch, sid: batch.add_decode(sid, own, first_token, sampling, max_tokens, prompt)
         )
 
     def capacity(self) -> Capacity:
